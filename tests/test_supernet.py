@@ -103,7 +103,9 @@ def test_next_layer_sees_a_forward_through_the_expected_weights(mode, tiny_folde
         if mode == "expectation":
             w = torch.tensor([1 - sub.sparsity(lv) for lv in sub.levels])
             w = w / w.sum()
-            want = sum(wi * scatter_columns(copies[lv], lin.in_features, gs) for wi, lv in zip(w, sub.levels))
+            want = sum(
+                wi * scatter_columns(copies[lv], lin.in_features, gs) for wi, lv in zip(w, sub.levels, strict=True)
+            )
         elif mode == "centre":
             want = scatter_columns(copies[0], lin.in_features, gs)
         else:
