@@ -7,6 +7,8 @@ greedily over a few rounds with OBS updates, then the kept rows refitted exactly
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .pruned import PrunedSublayer, kept_columns
@@ -72,13 +74,30 @@ def refit(h: torch.Tensor, g: torch.Tensor, kept_rows: torch.Tensor) -> torch.Te
     return torch.linalg.solve(h_kk, g[kept_rows].double()).float()
 
 
-def select_groups(
-    b: torch.Tensor, h: torch.Tensor, g: torch.Tensor, group_size: int, keep: int, rounds: int
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class LocalProblem:
+    """What every copy of one sublayer shares: computed once, then pruned at each level (§2.1)."""
+
+    weight: torch.Tensor  # dense (d_out, d_in), original dtype
+    b: torch.Tensor  # W^T in fp32 with dead input rows zeroed
+    h: torch.Tensor  # damped H
+    g: torch.Tensor  # H B, fixed from the dense weight
+    hinv: torch.Tensor  # inv(H)
+
+
+def prepare(weight: torch.Tensor, hessian: torch.Tensor, damping: float = 0.01) -> LocalProblem:
+    """Damp ``H``, zero dead inputs, and compute ``G = H B`` and ``H^-1`` once per sublayer."""
+    b = weight.detach().float().t().contiguous()
+    b[torch.diagonal(hessian) == 0] = 0
+    h = damp(hessian, damping)
+    return LocalProblem(weight, b, h, h @ b, torch.linalg.inv(h.double()).float())
+
+
+def select_groups(problem: LocalProblem, group_size: int, keep: int, rounds: int) -> torch.Tensor:
     """Greedy group removal with OBS updates; returns the sorted indices of the ``keep`` surviving groups."""
+    b, g = problem.b, problem.g
     n_groups = b.shape[0] // group_size
-    w = b.clone()
-    hinv = torch.linalg.inv(h.double()).float()
+    w, hinv = b.clone(), problem.hinv.clone()
     pruned = w.reshape(n_groups, -1).abs().sum(dim=1) <= _ZERO
     if pruned.any():
         rows = _group_rows(pruned.nonzero().flatten(), group_size)
@@ -91,10 +110,26 @@ def select_groups(
             chosen = torch.topk(_scores(w, hinv, g, group_size, pruned), count, largest=False).indices
             _obs_remove(w, hinv, _group_rows(chosen, group_size))
             pruned[chosen] = True
-    kept = (~pruned).nonzero().flatten()
-    if kept.numel() > keep:  # more dead groups than the quota asked for: never happens with keep >= alive
-        kept = kept[:keep]
-    return kept
+    return (~pruned).nonzero().flatten()[:keep]
+
+
+def prune_prepared(
+    problem: LocalProblem, group_size: int, keep: int, rounds: int, refit_weights: bool = True
+) -> PrunedSublayer:
+    """Prune a prepared sublayer down to ``keep`` input groups (see ``prune_linear``)."""
+    weight, b = problem.weight, problem.b
+    d_out, d_in = weight.shape
+    n_groups = d_in // group_size
+    if not 0 <= keep <= n_groups:
+        raise ValueError(f"keep={keep} groups is outside [0, {n_groups}]")
+    if keep == n_groups:  # sparsity 0: the dense weight (dead inputs zeroed)
+        return PrunedSublayer(torch.arange(n_groups), b.t().to(weight.dtype).contiguous())
+    if keep == 0:  # sparsity 1: the sublayer is removed
+        return PrunedSublayer(torch.zeros(0, dtype=torch.long), weight.new_zeros(d_out, 0))
+    kept = select_groups(problem, group_size, keep, rounds)
+    rows = _group_rows(kept, group_size)
+    kept_b = refit(problem.h, problem.g, rows) if refit_weights else b[rows]
+    return PrunedSublayer(kept, kept_b.t().to(weight.dtype).contiguous())
 
 
 def prune_linear(
@@ -121,23 +156,7 @@ def prune_linear(
         The kept group indices and the refitted weight on the kept columns, ``(d_out, keep * group_size)``,
         in ``weight``'s dtype.
     """
-    d_out, d_in = weight.shape
-    n_groups = d_in // group_size
-    if not 0 <= keep <= n_groups:
-        raise ValueError(f"keep={keep} groups is outside [0, {n_groups}]")
-    b = weight.detach().float().t().contiguous()
-    dead = torch.diagonal(hessian) == 0
-    b[dead] = 0
-    if keep == n_groups:  # sparsity 0: the dense weight (dead inputs zeroed)
-        return PrunedSublayer(torch.arange(n_groups), b.t().to(weight.dtype).contiguous())
-    if keep == 0:  # sparsity 1: the sublayer is removed
-        return PrunedSublayer(torch.zeros(0, dtype=torch.long), weight.new_zeros(d_out, 0))
-    h = damp(hessian, damping)
-    g = h @ b
-    kept = select_groups(b, h, g, group_size, keep, rounds)
-    rows = _group_rows(kept, group_size)
-    kept_b = refit(h, g, rows) if refit_weights else b[rows]
-    return PrunedSublayer(kept, kept_b.t().to(weight.dtype).contiguous())
+    return prune_prepared(prepare(weight, hessian, damping), group_size, keep, rounds, refit_weights)
 
 
 def magnitude_prune(weight: torch.Tensor, group_size: int, keep: int) -> PrunedSublayer:

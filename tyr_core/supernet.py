@@ -22,7 +22,7 @@ from .errors import CorruptArtefactError, MissingArtefactError
 from .families import Geometry
 from .grid import Sublayer
 from .layerwise import Activations, LayerwiseModel, capture_inputs, embed_windows, run_block
-from .local_prune import prune_linear
+from .local_prune import LocalProblem, prepare, prune_prepared
 from .pruned import PrunedLayout, PrunedSublayer, scatter_columns
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,12 @@ def layer_stats(
 
 
 def prune_copy(
-    weight: torch.Tensor, hessian: torch.Tensor, sub: Sublayer, level: int, geo: Geometry, settings: PruneSettings
+    problem: LocalProblem, sub: Sublayer, level: int, geo: Geometry, settings: PruneSettings
 ) -> PrunedSublayer:
-    """One supernet copy: sublayer ``sub`` pruned to ``sub.removed(level)`` groups removed."""
+    """One supernet copy: sublayer ``sub`` with ``sub.removed(level)`` groups removed."""
     rounds = settings.attn_rounds if sub.kind == "attn" else settings.mlp_rounds
     keep = sub.groups - sub.removed(level)
-    return prune_linear(weight, hessian, geo.group_size(sub.kind), keep, rounds, settings.damping)
+    return prune_prepared(problem, geo.group_size(sub.kind), keep, rounds)
 
 
 def expected_weight(
@@ -168,7 +168,8 @@ def build_layer(build: SupernetBuild, layer: int, inputs: Activations, outputs: 
         sub = next(s for s in build.sublayers if s.layer == layer and s.kind == kind)
         lin = output_linear(block, kind)
         dense = lin.weight.detach().clone()
-        copies = {level: prune_copy(dense, hessians[kind], sub, level, geo, settings) for level in sub.levels}
+        problem = prepare(dense, hessians[kind], settings.damping)
+        copies = {level: prune_copy(problem, sub, level, geo, settings) for level in sub.levels}
         for level, copy in copies.items():
             key = copy_key(build.iteration, layer, kind, level)
             digest = save_copy(build.out_dir / key, copy)

@@ -1,0 +1,96 @@
+"""Calibration chunkings, configuration validation and bad input: each error names the thing that is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tyr_core.calibration import load_documents, packed_windows, reference_chunks
+from tyr_core.config import CalibrationConfig, PruneConfig, apply_overrides, validate
+from tyr_core.errors import CalibrationError, ConfigError, ModelNotFoundError, UnsupportedModelError
+from tyr_core.families import resolve_model
+from tyr_core.layerwise import LayerwiseModel
+
+
+def test_reference_chunking_keeps_tails_and_stops_at_the_budget():
+    docs = [list(range(10)), list(range(100, 107)), list(range(200, 230))]
+    pieces = reference_chunks(docs, seq_len=4, num_tokens=20)
+    assert [p.tolist() for p in pieces[:4]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [100, 101, 102, 103]]
+    assert sum(p.numel() for p in pieces) == 20
+
+
+def test_packed_windows_are_seeded_and_non_overlapping():
+    docs = [list(range(i * 50, i * 50 + 50)) for i in range(4)]
+    a = packed_windows(docs, 16, 5, seed=3, sep=None)
+    b = packed_windows(docs, 16, 5, seed=3, sep=None)
+    c = packed_windows(docs, 16, 5, seed=4, sep=None)
+    assert a.shape == (5, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(a.flatten().tolist())) == 80  # no token twice: windows do not overlap
+    with pytest.raises(CalibrationError, match="fewer than one window"):
+        packed_windows([[1, 2]], 16, 5, seed=0, sep=None)
+
+
+def test_local_text_json_and_parquet_files_load_as_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\nsecond line of the same document\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "doc one"}) + "\n" + json.dumps({"text": "doc two"}))
+    assert load_documents([str(tmp_path / "a.txt")]) == ["first line\nsecond line of the same document\n"]
+    assert load_documents([str(tmp_path / "b.jsonl")]) == ["doc one", "doc two"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["x y z", "w"]}), tmp_path / "c.parquet")
+    assert load_documents([str(tmp_path / "c.parquet")]) == ["x y z", "w"]
+
+
+def test_empty_or_missing_calibration_data_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(CalibrationError, match="no non-empty text"):
+        load_documents([str(tmp_path / "empty.txt")])
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_documents([str(tmp_path / "nope.txt")])
+    (tmp_path / "w.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(CalibrationError, match="'text'"):
+        load_documents([str(tmp_path / "w.jsonl")])
+
+
+def test_unknown_config_field_and_bad_values_are_named():
+    with pytest.raises(ConfigError, match="target_sparsty"):
+        validate(PruneConfig, {"target_sparsty": 0.5})
+    with pytest.raises(ConfigError, match="target_sparsity"):
+        validate(PruneConfig, {"target_sparsity": 1.5})
+    with pytest.raises(ConfigError, match="num_levels"):
+        validate(PruneConfig, {"num_levels": 8})
+    with pytest.raises(ConfigError, match="calibration.files or calibration.dataset"):
+        validate(CalibrationConfig, {}, "calibration")
+
+
+def test_overrides_are_dotted_and_typed():
+    out = apply_overrides({"prune": {"target_sparsity": 0.5}}, ["prune.target_sparsity=0.25", "search.offspring=4"])
+    assert out == {"prune": {"target_sparsity": 0.25}, "search": {"offspring": 4}}
+    with pytest.raises(ConfigError, match="section.field=value"):
+        apply_overrides({}, ["oops"])
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*llama"):
+        LayerwiseModel(tmp_path)
+
+
+def test_missing_model_path_and_folder_without_weights(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelNotFoundError, match="no \\*.safetensors.*never unpickles"):
+        resolve_model(tmp_path)
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
+    with pytest.raises(ModelNotFoundError, match="could not be read"):
+        resolve_model(bad, cache_dir=tmp_path / "cache")
