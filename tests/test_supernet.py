@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import FAMILIES
@@ -14,11 +12,11 @@ from tyr_core.grid import build_sublayers
 from tyr_core.layerwise import Activations, LayerwiseModel, embed_windows, run_block
 from tyr_core.pruned import scatter_columns
 from tyr_core.supernet import (
+    LayerCursor,
     PruneSettings,
     SupernetBuild,
     SupernetModel,
     SupernetReader,
-    build_layer,
     build_supernet,
     load_copy,
     output_linear,
@@ -82,39 +80,61 @@ def test_blockwise_forward_matches_the_hf_model(family, tiny_folder, windows):
         torch.testing.assert_close(logits, model(windows).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["expectation", "centre", "none"])
-def test_next_layer_sees_a_forward_through_the_expected_weights(mode, tiny_folder, windows, tmp_path):
-    folder = tiny_folder("llama")
-    lm = LayerwiseModel(folder)
-    subs = build_sublayers({"attn": 4, "mlp": 128}, 2, CENTRES, 0.25, 9)
-    build = SupernetBuild(lm, windows, subs, PruneSettings(accumulation=mode), tmp_path)
-    acts = [Activations((24, 32, 64), torch.float32, 1 << 30, None) for _ in range(2)]
-    embed_windows(lm, windows, acts[0], 8)
-    pos = lm.position_embeddings(32)
-    entries = build_layer(build, 0, acts[0], acts[1], pos)
-    (tmp_path / "index.json").write_text(json.dumps({"sublayers": [], "copies": entries}))
-    reader = SupernetReader(tmp_path, index={"sublayers": [vars(s) for s in subs], "copies": entries})
+def _layer0(folder, windows, subs, mode):
+    """Build layer 0's copies with a cursor; returns (cursor after advancing, copies by kind)."""
+    cursor = LayerCursor(LayerwiseModel(folder), windows, PruneSettings(accumulation=mode))
+    copies = {s.kind: {lv: cursor.prune(s, lv) for lv in s.levels} for s in subs if s.layer == 0}
+    cursor.advance(subs, copies)
+    return cursor, copies
 
+
+@pytest.mark.parametrize("mode", ["expectation", "centre", "none"])
+def test_next_layer_sees_a_forward_through_the_expected_weights(mode, tiny_folder, windows):
+    folder = tiny_folder("llama")
+    subs = build_sublayers({"attn": 4, "mlp": 128}, 2, CENTRES, 0.25, 9)
+    cursor, copies = _layer0(folder, windows, subs, mode)
+
+    lm = LayerwiseModel(folder)
     block = lm.block(0)
     for sub in subs[:2]:
         lin = output_linear(block, sub.kind)
-        copies = {lv: reader.load(0, sub.kind, lv) for lv in sub.levels}
         gs = lm.geometry.group_size(sub.kind)
         if mode == "expectation":
             w = torch.tensor([1 - sub.sparsity(lv) for lv in sub.levels])
             w = w / w.sum()
-            want = sum(
-                wi * scatter_columns(copies[lv], lin.in_features, gs) for wi, lv in zip(w, sub.levels, strict=True)
-            )
+            full = [scatter_columns(copies[sub.kind][lv], lin.in_features, gs) for lv in sub.levels]
+            want = sum(wi * f for wi, f in zip(w, full, strict=True))
         elif mode == "centre":
-            want = scatter_columns(copies[0], lin.in_features, gs)
+            want = scatter_columns(copies[sub.kind][0], lin.in_features, gs)
         else:
             want = lin.weight.detach().clone()
         with torch.no_grad():
             lin.weight.copy_(want)
+    inputs = Activations((24, 32, 64), torch.float32, 1 << 30, None)
     expected = Activations((24, 32, 64), torch.float32, 1 << 30, None)
-    run_block(block, acts[0], expected, pos, 8)
-    torch.testing.assert_close(acts[1].data, expected.data, atol=1e-5, rtol=1e-5)
+    embed_windows(lm, windows, inputs, 8)
+    run_block(block, inputs, expected, lm.position_embeddings(32), 8)
+    torch.testing.assert_close(cursor.inputs.data, expected.data, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fresh_cursor_replays_committed_layers_to_the_same_activations(tiny_folder, windows, tmp_path):
+    folder = tiny_folder("qwen2")
+    lm, subs, _ = _build(folder, windows, tmp_path)
+    reader = SupernetReader(tmp_path)
+    first, _ = _layer0(folder, windows, subs, "expectation")
+    fresh = LayerCursor(LayerwiseModel(folder), windows, PruneSettings(spill_dir=tmp_path, activation_budget_bytes=1))
+    assert fresh.inputs.spilled  # over budget: activations live in a file, results are the same
+    fresh.seek(
+        1,
+        subs,
+        lambda layer: {
+            s.kind: {lv: reader.load(layer, s.kind, lv) for lv in s.levels} for s in subs if s.layer == layer
+        },
+    )
+    assert fresh.layer == 1
+    torch.testing.assert_close(fresh.inputs.data, first.inputs.data, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="past layer 0"):
+        fresh.seek(0, subs, lambda layer: {})
 
 
 def test_gqa_kv_heads_removed_only_with_their_whole_group(tiny_folder):

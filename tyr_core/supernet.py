@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,77 @@ def index_entry(sub: Sublayer, level: int, copy: PrunedSublayer, geo: Geometry, 
     }
 
 
+class LayerCursor:
+    """Calibration activations of one supernet build, advanced one decoder layer at a time in this process.
+
+    Layer ``l``'s inputs are the outputs of layers ``0..l-1`` carrying their expected weights, a pure function
+    of the committed copies; so a fresh process (a resumed run) catches up by replaying those layers.
+    Hessians and the prepared local problems of the current layer are kept for the local-prune steps.
+    """
+
+    def __init__(self, model: LayerwiseModel, windows: torch.Tensor, settings: PruneSettings):
+        self.model, self.settings = model, settings
+        n, t = windows.shape
+        shape = (n, t, model.geometry.hidden)
+        budget, spill = settings.activation_budget_bytes, settings.spill_dir
+        self._acts = [Activations(shape, model.dtype, budget, spill) for _ in range(2)]
+        embed_windows(model, windows, self._acts[0], settings.batch_size)
+        self.pos = model.position_embeddings(t)
+        self.layer = 0
+        self._block: nn.Module | None = None
+        self._hessians: dict[Kind, torch.Tensor] | None = None
+        self._problems: dict[Kind, LocalProblem] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def inputs(self) -> Activations:
+        return self._acts[self.layer % 2]
+
+    def _current_block(self) -> nn.Module:
+        if self._block is None:
+            self._block = self.model.block(self.layer)
+        return self._block
+
+    def hessians(self) -> dict[Kind, torch.Tensor]:
+        """``H`` of ``o_proj`` and ``down_proj`` of the current layer (one pass over its inputs, computed once)."""
+        with self._lock:
+            if self._hessians is None:
+                self._hessians = layer_stats(self._current_block(), self.inputs, self.pos, self.settings.batch_size)
+            return self._hessians
+
+    def problem(self, kind: Kind) -> LocalProblem:
+        """The prepared local problem (damped H, G, H^-1) of the current layer's sublayer, shared by its levels."""
+        with self._lock:
+            if kind not in self._problems:
+                dense = output_linear(self._current_block(), kind).weight.detach().clone()
+                self._problems[kind] = prepare(dense, self.hessians()[kind], self.settings.damping)
+            return self._problems[kind]
+
+    def prune(self, sub: Sublayer, level: int) -> PrunedSublayer:
+        if sub.layer != self.layer:
+            raise RuntimeError(f"cursor is at layer {self.layer}, cannot prune layer {sub.layer}")
+        return prune_copy(self.problem(sub.kind), sub, level, self.model.geometry, self.settings)
+
+    def advance(self, sublayers: list[Sublayer], copies: dict[Kind, dict[int, PrunedSublayer]]) -> None:
+        """Give the current layer its expected weights, run it, and move to the next layer."""
+        block, geo = self._current_block(), self.model.geometry
+        for sub in (s for s in sublayers if s.layer == self.layer):
+            lin = output_linear(block, sub.kind)
+            new = expected_weight(sub, copies[sub.kind], lin.weight.detach(), geo, self.settings.accumulation)
+            with torch.no_grad():
+                lin.weight.copy_(new)
+        run_block(block, self.inputs, self._acts[(self.layer + 1) % 2], self.pos, self.settings.batch_size)
+        self.layer += 1
+        self._block, self._hessians, self._problems = None, None, {}
+
+    def seek(self, layer: int, sublayers: list[Sublayer], load: Callable[[int], dict[Kind, dict[int, PrunedSublayer]]]):
+        """Replay layers up to ``layer`` with their committed copies (``load(layer)``), e.g. after a restart."""
+        if layer < self.layer:
+            raise RuntimeError(f"cursor is already past layer {layer} (at {self.layer}); start a new cursor")
+        while self.layer < layer:
+            self.advance(sublayers, load(self.layer))
+
+
 @dataclass
 class SupernetBuild:
     """Inputs of a supernet build; ``out_dir`` receives the copies (at their artefact keys) and ``index.json``."""
@@ -158,27 +230,12 @@ class SupernetBuild:
     config_hash: str = ""
 
 
-def build_layer(build: SupernetBuild, layer: int, inputs: Activations, outputs: Activations, pos) -> list[dict]:
-    """Prune one decoder layer at every level, then advance its calibration activations to ``outputs``."""
-    geo, settings = build.model.geometry, build.settings
-    block = build.model.block(layer)
-    hessians = layer_stats(block, inputs, pos, settings.batch_size)
-    entries = []
-    for kind in KINDS:
-        sub = next(s for s in build.sublayers if s.layer == layer and s.kind == kind)
-        lin = output_linear(block, kind)
-        dense = lin.weight.detach().clone()
-        problem = prepare(dense, hessians[kind], settings.damping)
-        copies = {level: prune_copy(problem, sub, level, geo, settings) for level in sub.levels}
-        for level, copy in copies.items():
-            key = copy_key(build.iteration, layer, kind, level)
-            digest = save_copy(build.out_dir / key, copy)
-            size = (build.out_dir / key).stat().st_size
-            entries.append(index_entry(sub, level, copy, geo, key, digest, size))
-        with torch.no_grad():
-            lin.weight.copy_(expected_weight(sub, copies, dense, geo, settings.accumulation))
-    run_block(block, inputs, outputs, pos, settings.batch_size)
-    return entries
+def save_layer_copy(build: SupernetBuild, sub: Sublayer, level: int, copy: PrunedSublayer) -> dict:
+    """Write one copy under ``out_dir`` at its artefact key; returns its index entry."""
+    key = copy_key(build.iteration, sub.layer, sub.kind, level)
+    digest = save_copy(build.out_dir / key, copy)
+    size = (build.out_dir / key).stat().st_size
+    return index_entry(sub, level, copy, build.model.geometry, key, digest, size)
 
 
 def build_supernet(build: SupernetBuild, progress: Progress | None = None) -> dict:
@@ -186,17 +243,16 @@ def build_supernet(build: SupernetBuild, progress: Progress | None = None) -> di
 
     Returns the index (also written to ``out_dir/index.json``).
     """
-    model, settings = build.model, build.settings
-    n, t = build.windows.shape
-    shape = (n, t, model.geometry.hidden)
-    acts = [Activations(shape, model.dtype, settings.activation_budget_bytes, settings.spill_dir) for _ in range(2)]
-    embed_windows(model, build.windows, acts[0], settings.batch_size)
-    pos = model.position_embeddings(t)
+    cursor = LayerCursor(build.model, build.windows, build.settings)
     entries: list[dict] = []
-    for layer in range(model.num_layers):
-        entries += build_layer(build, layer, acts[layer % 2], acts[(layer + 1) % 2], pos)
+    for layer in range(build.model.num_layers):
+        copies: dict[Kind, dict[int, PrunedSublayer]] = {}
+        for sub in (s for s in build.sublayers if s.layer == layer):
+            copies[sub.kind] = {level: cursor.prune(sub, level) for level in sub.levels}
+            entries += [save_layer_copy(build, sub, level, c) for level, c in copies[sub.kind].items()]
+        cursor.advance(build.sublayers, copies)
         if progress:
-            progress("supernet", layer + 1, model.num_layers)
+            progress("supernet", layer + 1, build.model.num_layers)
     index = make_index(build, entries)
     (build.out_dir / "index.json").write_text(json.dumps(index, indent=1))
     return index
