@@ -43,8 +43,9 @@ def _uniform_ppl(folder, windows, heldout, mode, out) -> tuple[float, float]:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     apply_layout(model, SupernetReader(out).layout([0] * len(subs)), lm.geometry)
     uniform = perplexity(model, heldout)
-    apply_layout(model, magnitude_layout(AutoModelForCausalLM.from_pretrained(folder).eval(), lm.geometry, subs),
-                 lm.geometry)
+    apply_layout(
+        model, magnitude_layout(AutoModelForCausalLM.from_pretrained(folder).eval(), lm.geometry, subs), lm.geometry
+    )
     return uniform, perplexity(model, heldout)
 
 

@@ -281,12 +281,18 @@ def make_index(build: SupernetBuild, entries: list[dict]) -> dict:
 
 
 class SupernetReader:
-    """Lazy, verified access to a supernet on local disk through its ``index.json``.
-
-    The index, not the file system, defines which copies exist.
+    """Lazy, verified access to a supernet through its ``index.json``; the index, not the file system, defines
+    which copies exist. ``fetch(key)`` gives a local path for a key (default: ``root / key``); each file is
+    checked against the index's sha256 once per reader.
     """
 
-    def __init__(self, root: Path, index: dict | None = None, verify: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        index: dict | None = None,
+        verify: bool = True,
+        fetch: Callable[[str], Path] | None = None,
+    ):
         self.root = Path(root)
         if index is None:
             path = self.root / "index.json"
@@ -295,11 +301,11 @@ class SupernetReader:
             index = json.loads(path.read_text())
         self.index = index
         self.verify = verify
-        self.sublayers = [
-            Sublayer(**{k: s[k] for k in ("layer", "kind", "groups", "centre", "step", "lo", "hi")})
-            for s in index["sublayers"]
-        ]
+        self.fetch = fetch or (lambda key: self.root / key)
+        fields = ("layer", "kind", "groups", "centre", "step", "lo", "hi")
+        self.sublayers = [Sublayer(**{k: s[k] for k in fields}) for s in index["sublayers"]]
         self._entries = {(e["layer"], e["kind"], e["level"]): e for e in index["copies"]}
+        self._verified: set[Path] = set()
 
     def entry(self, layer: int, kind: Kind, level: int) -> dict:
         try:
@@ -309,13 +315,15 @@ class SupernetReader:
 
     def load(self, layer: int, kind: Kind, level: int) -> PrunedSublayer:
         entry = self.entry(layer, kind, level)
-        path = self.root / entry["key"]
+        path = self.fetch(entry["key"])
         if not path.is_file():
             raise MissingArtefactError(f"supernet copy {path} listed in index.json is missing")
-        if self.verify and sha256_file(path) != entry["sha256"]:
-            raise CorruptArtefactError(
-                f"supernet copy {path} is corrupt: sha256 differs from index.json; delete it and rebuild that layer"
-            )
+        if self.verify and path not in self._verified:
+            if sha256_file(path) != entry["sha256"]:
+                raise CorruptArtefactError(
+                    f"supernet copy {path} is corrupt: its sha256 differs from index.json; delete it and rebuild"
+                )
+            self._verified.add(path)
         return load_copy(path)
 
     def layout(self, levels: list[int]) -> PrunedLayout:
