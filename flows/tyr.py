@@ -1,0 +1,107 @@
+"""The ``tyr`` flow: one run is the whole coarse-to-fine loop of Týr-the-Pruner (ALGORITHM.md §7.1, Alg. 4).
+
+calibrate -> teacher -> for each iteration: plan, build the supernet layer by layer (stats, local prune at
+every level in parallel, accumulate the expectation), search generations, recentre -> garbage-collect ->
+export -> evaluate. Every step commits to the store, so a retried or resumed run recomputes nothing committed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from tasks.runs import open_run, release_run
+from tasks.steps import (
+    accumulate,
+    calibrate,
+    garbage_collect,
+    layer_stats,
+    local_prune,
+    plan,
+    recentre_interval,
+    search_generation,
+    supernet_index,
+    teacher,
+)
+from tasks.workspace import RunRef
+from tyr_core import artifacts as keys
+from tyr_core.store import is_committed
+
+from .presets import resolve_config
+
+
+@flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: bool = False) -> dict:
+    """One iteration: supernet around the current centres, then the sparsity-shift search."""
+    grid = plan(ref, iteration)
+    if not committed:
+        build_supernet(ref, iteration, grid)
+    for generation in range(1, generations + 1):
+        search_generation(ref, iteration, generation)
+    return recentre_interval(ref, iteration, generations)
+
+
+def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
+    """Layer by layer: each layer's inputs carry the expected weights of the layers before it (eq. 5)."""
+    layers = sorted({s["layer"] for s in grid["sublayers"]})
+    entries: list[dict] = []
+    for layer in layers:
+        subs = [s for s in grid["sublayers"] if s["layer"] == layer]
+        layer_stats(ref, iteration, layer)
+        futures = [
+            local_prune.submit(ref, iteration, layer, s["kind"], level)
+            for s in subs
+            for level in range(s["lo"], s["hi"] + 1)
+        ]
+        entries += [f.result() for f in futures]
+        if layer != layers[-1]:
+            accumulate(ref, iteration, layer)
+    return supernet_index(ref, iteration, entries)
+
+
+@flow(name="tyr", log_prints=False)
+def tyr(
+    preset: str = "smollm2-50",
+    target_sparsity: Annotated[float | None, Field(gt=0.0, lt=1.0)] = None,
+    iterations: Annotated[int | None, Field(ge=1, le=8)] = None,
+    generations: Annotated[int | None, Field(ge=0)] = None,
+    offspring: Annotated[int | None, Field(ge=1)] = None,
+    run_id: str | None = None,
+    store_url: str | None = None,
+    endpoint_url: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Prune a model with Týr-the-Pruner; ``preset`` plus flat overrides define the run (saved as run.json)."""
+    log = get_run_logger()
+    config = resolve_config(preset, target_sparsity, iterations, generations, offspring, overrides)
+    ref = open_run(config, run_id, store_url, endpoint_url)
+    log.info("run %s in %s (config %s)", ref.run_id, ref.store_url, config.artefact_hash())
+    try:
+        calibrate(ref)
+        teacher(ref)
+        result: dict = {}
+        for it in range(1, config.prune.iterations + 1):
+            result = run_iteration(ref, it, config.search.generations)
+            garbage_collect(ref, it)
+            log.info("iteration %d: fitness %.4f", it, result["fitness"])
+        from tasks.finish import evaluate, export
+
+        exports = export(ref, config.prune.iterations)
+        report = evaluate(ref, config.prune.iterations)
+        return {"run_id": ref.run_id, "result": result, "exports": exports, "report": report}
+    finally:
+        release_run(ref)
+
+
+def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
+    """Skip an iteration whose result is committed; otherwise run (or resume) its subflow."""
+    from tasks.workspace import workspace
+
+    store = workspace(ref).store
+    if is_committed(store, keys.result_key(iteration)):
+        return recentre_interval(ref, iteration, generations)
+    committed = is_committed(store, keys.supernet_index_key(iteration))
+    return iteration_flow(ref, iteration, generations, committed)

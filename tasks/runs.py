@@ -1,0 +1,110 @@
+"""Opening a run: where it lives, its saved config (resume with another config is refused), and a lock so that
+two processes never drive the same run id at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+
+from tyr_core import artifacts as keys
+from tyr_core.config import RunConfig
+from tyr_core.errors import IncompatibleRunError, RunLockedError
+from tyr_core.families import default_cache_dir
+from tyr_core.store import Store, commit_bytes, is_committed, read_json
+
+from .storage import run_store
+from .workspace import RunRef, forget
+
+LOCK_TTL_S = 600  # a lock not refreshed for this long is abandoned (the holder is on another host and died)
+
+
+def default_store_url() -> str:
+    """``TYR_STORE_URL`` if set, else a file store in the user's cache."""
+    return os.environ.get("TYR_STORE_URL") or f"file://{default_cache_dir() / 'store'}"
+
+
+def default_run_id(config: RunConfig) -> str:
+    """Re-running the same command resumes the same run: the id is derived from the artefact hash."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.model.source.rsplit("/", 1)[-1])[:40].strip("-")
+    return f"{stem}-{config.artefact_hash()[:10]}"
+
+
+def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpoint_url: str | None) -> RunRef:
+    """Create the run (commit ``run.json``) or check that a resumed run has the same config; take its lock."""
+    endpoint_url = endpoint_url or os.environ.get("TYR_S3_ENDPOINT_URL")
+    ref = RunRef(run_id=run_id or default_run_id(config), store_url=store_url or default_store_url(),
+                 endpoint_url=endpoint_url)
+    store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
+    _check_or_commit_config(store, config, ref.run_id)
+    acquire_lock(store, ref.run_id)
+    forget(ref)  # a fresh workspace reads the committed config
+    return ref
+
+
+def _check_or_commit_config(store: Store, config: RunConfig, run_id: str) -> None:
+    body = {"run_id": run_id, "config": config.model_dump(mode="json"), "artefact_hash": config.artefact_hash()}
+    if is_committed(store, keys.RUN_CONFIG):
+        saved = read_json(store, keys.RUN_CONFIG)
+        if saved["artefact_hash"] != config.artefact_hash():
+            raise IncompatibleRunError(
+                f"run {run_id!r} was started with another configuration (artefact hash {saved['artefact_hash']}, "
+                f"now {config.artefact_hash()}); resume it with its saved run.json, or choose a new --run-id"
+            )
+        return
+    commit_bytes(store, keys.RUN_CONFIG, json.dumps(body, indent=1, sort_keys=True).encode(), config.artefact_hash())
+
+
+def _holder() -> dict:
+    try:
+        from prefect.runtime import flow_run
+
+        flow_run_id = flow_run.id
+    except Exception:  # outside a flow run
+        flow_run_id = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": flow_run_id, "time": time.time()}
+
+
+def _abandoned(lock: dict) -> bool:
+    if lock.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lock["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return time.time() - float(lock.get("time", 0)) > LOCK_TTL_S
+
+
+def acquire_lock(store: Store, run_id: str) -> None:
+    """Take the run's lock with a conditional create; a live holder with another flow run id is refused."""
+    me = _holder()
+    for _ in range(3):
+        if store.put_if_absent(keys.LOCK_KEY, json.dumps(me).encode()):
+            return
+        try:
+            lock = json.loads(store.get_bytes(keys.LOCK_KEY))
+        except Exception:  # released between our create and our read
+            continue
+        same_flow_run = me["flow_run_id"] is not None and lock.get("flow_run_id") == me["flow_run_id"]
+        if same_flow_run or (lock.get("host"), lock.get("pid")) == (me["host"], me["pid"]) or _abandoned(lock):
+            store.delete(keys.LOCK_KEY)
+            continue
+        raise RunLockedError(
+            f"run {run_id!r} is being driven by another process (host {lock.get('host')}, pid {lock.get('pid')}, "
+            f"flow run {lock.get('flow_run_id')}); wait for it to finish or cancel it first"
+        )
+    raise RunLockedError(f"could not take the lock of run {run_id!r}; try again")
+
+
+def release_run(ref: RunRef) -> None:
+    store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
+    try:
+        lock = json.loads(store.get_bytes(keys.LOCK_KEY))
+    except Exception:  # nothing to release
+        return
+    if (lock.get("host"), lock.get("pid")) == (socket.gethostname(), os.getpid()):
+        store.delete(keys.LOCK_KEY)

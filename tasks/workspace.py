@@ -1,0 +1,129 @@
+"""What one worker process holds for a run: the store, a local cache of fetched artefacts, the model, and the
+layer cursor of the supernet being built. Nothing here is an artefact; all of it can be rebuilt from the store.
+
+A 70B layer's Hessians are gigabytes: they stay here, in the process that computed them, and the local-prune
+tasks of that layer run in this process (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file
+
+from tyr_core import artifacts as keys
+from tyr_core.config import RunConfig, load_run_config
+from tyr_core.families import default_cache_dir, resolve_model
+from tyr_core.layerwise import LayerwiseModel
+from tyr_core.pipeline import prune_settings
+from tyr_core.store import Store, fetch_verified, read_json
+from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy
+
+from .storage import run_store
+
+
+class RunRef(BaseModel):
+    """How tasks find a run: small, hashable, and free of credentials (those come from the environment)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    run_id: str
+    store_url: str
+    endpoint_url: str | None = None
+
+
+@dataclass
+class Workspace:
+    ref: RunRef
+    store: Store
+    config: RunConfig
+    cache: Path
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    _model: LayerwiseModel | None = None
+    _cursors: dict[int, LayerCursor] = field(default_factory=dict)
+    _search: dict[int, SupernetModel] = field(default_factory=dict)
+
+    def fetch(self, key: str) -> Path:
+        """Local, verified copy of a committed artefact (downloaded once per process)."""
+        path = self.cache / key
+        if not path.is_file():
+            fetch_verified(self.store, key, path)
+        return path
+
+    @property
+    def model(self) -> LayerwiseModel:
+        with self.lock:
+            if self._model is None:
+                folder = resolve_model(self.config.model.source, revision=self.config.model.revision)
+                dtype = getattr(torch, self.config.model.dtype)
+                self._model = LayerwiseModel(folder, dtype, self.config.model.trust_remote_code)
+            return self._model
+
+    def calibration(self) -> torch.Tensor:
+        return load_file(self.fetch(keys.calibration_key()))["windows"]
+
+    def heldout(self) -> torch.Tensor:
+        return load_file(self.fetch(keys.calibration_key("heldout")))["windows"]
+
+    def cursor(self, iteration: int, sublayers) -> LayerCursor:
+        with self.lock:
+            if iteration not in self._cursors:
+                self._cursors = {}  # one build at a time: free the previous iteration's activations
+                settings = prune_settings(self.config.prune, spill_dir=self.cache)
+                self._cursors[iteration] = LayerCursor(self.model, self.calibration(), settings)
+            return self._cursors[iteration]
+
+    def copies(self, iteration: int, sublayers, layer: int):
+        """Committed copies of one layer, by kind and level (for replaying the layer)."""
+        return {
+            s.kind: {lv: load_copy(self.fetch(keys.copy_key(iteration, layer, s.kind, lv))) for lv in s.levels}
+            for s in sublayers
+            if s.layer == layer
+        }
+
+    def reader(self, iteration: int) -> SupernetReader:
+        index = read_json(self.store, keys.supernet_index_key(iteration))
+        return SupernetReader(self.cache, index=index, fetch=self.fetch)
+
+    def dense_model(self) -> torch.nn.Module:
+        """The whole dense model in memory (teacher logits, evaluation, export)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model.folder, dtype=self.model.dtype).eval()
+
+    def search_model(self, iteration: int) -> SupernetModel:
+        """The one resident model for the search; candidates swap only the sublayers whose level changed."""
+        with self.lock:
+            if iteration not in self._search:
+                self._search = {}  # one resident model: drop the previous iteration's
+                self._search[iteration] = SupernetModel(self.dense_model(), self.reader(iteration), self.model.geometry)
+            return self._search[iteration]
+
+
+_WORKSPACES: dict[RunRef, Workspace] = {}
+_GUARD = threading.Lock()
+
+
+def workspace(ref: RunRef) -> Workspace:
+    """This process's workspace for a run (created on first use from the run's committed ``run.json``)."""
+    with _GUARD:
+        if ref not in _WORKSPACES:
+            store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
+            config = load_run_config(read_json(store, keys.RUN_CONFIG)["config"], origin=keys.RUN_CONFIG)
+            cache = default_cache_dir() / "runs" / ref.run_id
+            cache.mkdir(parents=True, exist_ok=True)
+            _WORKSPACES[ref] = Workspace(ref, store, config, cache)
+        return _WORKSPACES[ref]
+
+
+def forget(ref: RunRef) -> None:
+    with _GUARD:
+        _WORKSPACES.pop(ref, None)
+
+
+def dumps(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
