@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
+from tasks.finish import evaluate, evaluate_baselines, export
 from tasks.runs import open_run, release_run
 from tasks.steps import (
     accumulate,
@@ -82,16 +83,17 @@ def tyr(
     try:
         calibrate(ref)
         teacher(ref)
-        result: dict = {}
-        for it in range(1, config.prune.iterations + 1):
+        last = config.prune.iterations
+        for it in range(1, last + 1):
             result = run_iteration(ref, it, config.search.generations)
+            if it == 1:
+                evaluate_baselines(ref)  # needs iteration 1's centre copies, before GC removes them
             garbage_collect(ref, it)
-            log.info("iteration %d: fitness %.4f", it, result["fitness"])
-        from tasks.finish import evaluate, export
-
-        exports = export(ref, config.prune.iterations)
-        report = evaluate(ref, config.prune.iterations)
-        return {"run_id": ref.run_id, "result": result, "exports": exports, "report": report}
+            log.info("iteration %d: fitness %s", it, result["fitness"])
+        exports = [export_format(ref, last, fmt) for fmt in config.export.formats]
+        report = evaluate(ref, last)
+        return {"run_id": ref.run_id, "store_url": ref.store_url, "result": result, "exports": exports,
+                "report": report}
     finally:
         release_run(ref)
 
@@ -105,3 +107,12 @@ def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
         return recentre_interval(ref, iteration, generations)
     committed = is_committed(store, keys.supernet_index_key(iteration))
     return iteration_flow(ref, iteration, generations, committed)
+
+
+def export_format(ref: RunRef, iteration: int, fmt: str) -> dict:
+    """One export; a layout the format cannot express (e.g. Nemotron-NAS) is reported, not fatal to the run."""
+    state = export(ref, iteration, fmt, return_state=True)
+    if state.is_completed():
+        return state.result()
+    get_run_logger().warning("export %s refused: %s", fmt, state.message)
+    return {"format": fmt, "refused": state.message}

@@ -75,3 +75,13 @@ def final_key(name: str) -> str:
 def sublayer_name(layer: int, kind: Kind) -> str:
     """HF module path of a prunable sublayer, the name users see in reports."""
     return f"model.layers.{layer}.{'self_attn' if kind == 'attn' else 'mlp'}"
+
+
+def report_key(name: str) -> str:
+    """Evaluation reports (baselines, final) as JSON."""
+    return f"reports/{name}.json"
+
+
+def export_prefix(fmt: str) -> str:
+    """Folder of one exported model format under ``final/``."""
+    return f"final/{fmt}/"
