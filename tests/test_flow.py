@@ -1,0 +1,54 @@
+"""The ``tyr`` flow end to end on the tiny preset, in-process under a Prefect test harness, with a file store:
+it completes, a second run of the same run id recomputes nothing, and a config change is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.pop("PREFECT_API_URL", None)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _manifests(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*.manifest.json")}
+
+
+def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_configs(harness, tmp_path):
+    from flows.tyr import tyr
+    from tyr_core.errors import IncompatibleRunError
+
+    url = f"file://{tmp_path}"
+    out = tyr(preset="tiny-test", run_id="t1", store_url=url)
+    run_dir = tmp_path / "runs" / "t1"
+    result = json.loads((run_dir / "iter-2" / "result.json").read_text())
+    assert set(result["sparsities"]) and out["report"]["tyr_ppl"] > 0
+    # the budget is exact: mean attention and MLP sparsity equal the target
+    attn = [v for k, v in result["sparsities"].items() if k.endswith("self_attn")]
+    mlp = [v for k, v in result["sparsities"].items() if k.endswith("mlp")]
+    assert sum(attn) / len(attn) == pytest.approx(0.5) and sum(mlp) / len(mlp) == pytest.approx(0.5)
+    # GC kept only the last iteration's supernet
+    assert not (run_dir / "iter-1" / "supernet").exists() or not any(
+        (run_dir / "iter-1" / "supernet").rglob("*.safetensors")
+    )
+    assert any((run_dir / "iter-2" / "supernet").rglob("*.safetensors"))
+
+    before = _manifests(run_dir)
+    again = tyr(preset="tiny-test", run_id="t1", store_url=url)
+    assert _manifests(run_dir) == before  # nothing committed twice
+    assert again["result"] == out["result"]
+
+    with pytest.raises(IncompatibleRunError, match="another configuration"):
+        tyr(preset="tiny-test", run_id="t1", store_url=url, target_sparsity=0.25)

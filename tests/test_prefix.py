@@ -1,0 +1,40 @@
+"""Prefix sharing gives exactly the logits of a full forward, and skips the layers a candidate shares."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_model
+
+from tyr_core.grid import build_sublayers
+from tyr_core.prefix import PrefixForward
+
+
+def _perturb(model, layer: int, kind: str, scale: float) -> None:
+    block = model.model.layers[layer]
+    lin = block.self_attn.o_proj if kind == "attn" else block.mlp.down_proj
+    with torch.no_grad():
+        lin.weight.mul_(scale)
+
+
+def test_candidate_logits_equal_a_full_forward_and_skip_the_shared_prefix(windows):
+    model = tiny_model("llama", num_hidden_layers=4)
+    model.config._attn_implementation = "sdpa"
+    subs = build_sublayers({"attn": 4, "mlp": 128}, 4, {"attn": [2] * 4, "mlp": [64] * 4}, 0.25, 5)
+    fwd = PrefixForward(model, subs)
+    parent = [0] * 8
+    fwd.set_reference(parent)
+    ids = windows[:4]
+    with torch.inference_mode():
+        ref = fwd.logits(ids, parent)
+        torch.testing.assert_close(ref, model(ids).logits)
+        _perturb(model, 2, "mlp", 0.5)  # the candidate changes layer 2's MLP
+        child = [0, 0, 0, 0, 0, 1, 0, 0]
+        ran = fwd.layers_run
+        out = fwd.logits(ids, child)
+        assert fwd.layers_run - ran == 2  # layers 2 and 3 only
+        torch.testing.assert_close(out, model(ids).logits)
+        assert not torch.allclose(out, ref)
+        # a new minibatch is computed in full (the cache belongs to the reference's batch)
+        _perturb(model, 2, "mlp", 2.0)
+        other = windows[4:8]
+        torch.testing.assert_close(fwd.logits(other, parent), model(other).logits)
