@@ -6,10 +6,10 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
+from tyr_core.export import save_compact, save_masked, save_nemotron, write_sparsity_report
 
 from tyr_core import artifacts as keys
 from tyr_core.evaluate import perplexity
-from tyr_core.export import save_compact, save_masked, save_nemotron, write_sparsity_report
 from tyr_core.params import dense_params, layout_params
 from tyr_core.pipeline import apply_layout, magnitude_layout
 from tyr_core.store import commit_bytes, commit_file, is_committed, read_json
@@ -25,8 +25,7 @@ def final_layout(ws, iteration: int):
     return ws.reader(iteration).layout(result["levels"])
 
 
-@task(name="evaluate-baselines", cache_key_fn=_artefact_cache_key(lambda p: keys.report_key("baselines")),
-      **IO_RETRIES)
+@task(name="evaluate-baselines", cache_key_fn=_artefact_cache_key(lambda p: keys.report_key("baselines")), **IO_RETRIES)
 def evaluate_baselines(ref: RunRef) -> dict:
     """Dense, uniform (iteration 1's centre copies) and magnitude perplexity, before GC removes iteration 1."""
     ws = workspace(ref)
@@ -46,8 +45,11 @@ def evaluate_baselines(ref: RunRef) -> dict:
     return read_json(ws.store, key)
 
 
-@task(name="evaluate", cache_key_fn=_artefact_cache_key(lambda p: keys.report_key(f"final-{p['iteration']}")),
-      **IO_RETRIES)
+@task(
+    name="evaluate",
+    cache_key_fn=_artefact_cache_key(lambda p: keys.report_key(f"final-{p['iteration']}")),
+    **IO_RETRIES,
+)
 def evaluate(ref: RunRef, iteration: int) -> dict:
     """Held-out perplexity and parameter counts of the searched model, next to the baselines."""
     ws = workspace(ref)

@@ -35,8 +35,9 @@ def default_run_id(config: RunConfig) -> str:
 def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpoint_url: str | None) -> RunRef:
     """Create the run (commit ``run.json``) or check that a resumed run has the same config; take its lock."""
     endpoint_url = endpoint_url or os.environ.get("TYR_S3_ENDPOINT_URL")
-    ref = RunRef(run_id=run_id or default_run_id(config), store_url=store_url or default_store_url(),
-                 endpoint_url=endpoint_url)
+    ref = RunRef(
+        run_id=run_id or default_run_id(config), store_url=store_url or default_store_url(), endpoint_url=endpoint_url
+    )
     store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
     _check_or_commit_config(store, config, ref.run_id)
     acquire_lock(store, ref.run_id)

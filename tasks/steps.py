@@ -29,6 +29,8 @@ from .assets import resolve_corpus
 from .workspace import RunRef, dumps, workspace
 
 CODE_VERSION = "1"  # bump when a task's output for the same key changes meaning
+
+
 def _transient(_task, _task_run, state) -> bool:
     """Retry storage and device hiccups, never tyr's own errors (bad input, corrupt artefact, refusal)."""
     try:
@@ -97,8 +99,13 @@ def teacher(ref: RunRef) -> dict:
     dense = ws.dense_model()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        index = write_teacher_topk(lambda ids: dense(ids).logits, ws.calibration(), ws.config.teacher.topk, out,
-                                   ws.config.teacher.windows_per_shard)
+        index = write_teacher_topk(
+            lambda ids: dense(ids).logits,
+            ws.calibration(),
+            ws.config.teacher.topk,
+            out,
+            ws.config.teacher.windows_per_shard,
+        )
         for shard in sorted(out.glob("*.safetensors")):
             commit_file(ws.store, f"teacher/{shard.name}", shard, ws.config.artefact_hash())
         commit_file(ws.store, keys.teacher_index_key(), out / "index.json", ws.config.artefact_hash())
@@ -117,8 +124,12 @@ def plan(ref: RunRef, iteration: int) -> dict:
         else:
             centres = read_json(ws.store, keys.result_key(iteration - 1))["next_centres"]
         subs = plan_iteration(geo, cfg, iteration, centres)
-        commit_bytes(ws.store, key, dumps({"iteration": iteration, "sublayers": [vars(s) for s in subs]}),
-                     ws.config.artefact_hash())
+        commit_bytes(
+            ws.store,
+            key,
+            dumps({"iteration": iteration, "sublayers": [vars(s) for s in subs]}),
+            ws.config.artefact_hash(),
+        )
     return read_json(ws.store, key)
 
 
@@ -164,25 +175,34 @@ def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
     return cursor.layer
 
 
-@task(name="supernet-index", cache_key_fn=_artefact_cache_key(lambda p: keys.supernet_index_key(p["iteration"])),
-      **IO_RETRIES)
+@task(
+    name="supernet-index",
+    cache_key_fn=_artefact_cache_key(lambda p: keys.supernet_index_key(p["iteration"])),
+    **IO_RETRIES,
+)
 def supernet_index(ref: RunRef, iteration: int, entries: list[dict]) -> dict:
     """Commit the checksummed index that defines the supernet's search space."""
     ws = workspace(ref)
     key = keys.supernet_index_key(iteration)
     if not is_committed(ws.store, key):
         plan_ = read_json(ws.store, keys.plan_key(iteration))
-        index = {"iteration": iteration, "config_hash": ws.config.artefact_hash(),
-                 "accumulation": ws.config.prune.accumulation, "sublayers": plan_["sublayers"],
-                 "copies": sorted(entries, key=lambda e: (e["layer"], e["kind"], e["level"]))}
+        index = {
+            "iteration": iteration,
+            "config_hash": ws.config.artefact_hash(),
+            "accumulation": ws.config.prune.accumulation,
+            "sublayers": plan_["sublayers"],
+            "copies": sorted(entries, key=lambda e: (e["layer"], e["kind"], e["level"])),
+        }
         commit_bytes(ws.store, key, dumps(index), ws.config.artefact_hash())
     index = read_json(ws.store, key)
     return {"key": key, "copies": len(index["copies"]), "bytes": sum(e["bytes"] for e in index["copies"])}
 
 
-@task(name="search-generation",
-      cache_key_fn=_artefact_cache_key(lambda p: keys.search_state_key(p["iteration"], p["generation"])),
-      **IO_RETRIES)
+@task(
+    name="search-generation",
+    cache_key_fn=_artefact_cache_key(lambda p: keys.search_state_key(p["iteration"], p["generation"])),
+    **IO_RETRIES,
+)
 def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
     """One generation of the sparsity-shift search, resumed from the previous committed state."""
     ws = workspace(ref)

@@ -34,7 +34,12 @@ def test_candidate_logits_equal_a_full_forward_and_skip_the_shared_prefix(window
         assert fwd.layers_run - ran == 2  # layers 2 and 3 only
         torch.testing.assert_close(out, model(ids).logits)
         assert not torch.allclose(out, ref)
-        # a new minibatch is computed in full (the cache belongs to the reference's batch)
-        _perturb(model, 2, "mlp", 2.0)
+        # on a new minibatch the first candidate fills the shared prefix (layers 0-1) for the next ones
         other = windows[4:8]
+        ran = fwd.layers_run
+        torch.testing.assert_close(fwd.logits(other, child), model(other).logits)
+        assert fwd.layers_run - ran == 4
+        _perturb(model, 2, "mlp", 2.0)  # back to the parent's weights
+        ran = fwd.layers_run
         torch.testing.assert_close(fwd.logits(other, parent), model(other).logits)
+        assert fwd.layers_run - ran == 2  # layers 2-3: the prefix 0-1 came from the child's run

@@ -85,3 +85,11 @@ def report_key(name: str) -> str:
 def export_prefix(fmt: str) -> str:
     """Folder of one exported model format under ``final/``."""
     return f"final/{fmt}/"
+
+
+def stats_prefix(iteration: int) -> str:
+    return f"iter-{iteration}/stats/"
+
+
+def supernet_prefix(iteration: int) -> str:
+    return f"iter-{iteration}/supernet/"

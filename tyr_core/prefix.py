@@ -1,12 +1,14 @@
 """Candidate forwards that share the layers a candidate has in common with the search parent.
 
-Offspring differ from their parent in 2-8 sublayers (1-4 sparsity shifts). Every layer before the first one a
-candidate changes computes exactly what the parent computes, so the parent's hidden states at each layer
-boundary are cached per minibatch and a candidate's forward starts at its first changed layer. The saving is
-measured in ``bench/quality.py`` (``prefix_sharing``); results are identical to a full forward.
+Offspring differ from their parent in 2-8 sublayers (1-4 sparsity shifts). Every layer before a candidate's
+first changed layer computes exactly what the parent computes, so those hidden states are cached per minibatch
+(filled by whichever candidate runs through them first) and later candidates start at their first changed layer.
+Results are identical to a full forward; the saving is measured in ``bench/quality.py``.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -15,13 +17,13 @@ from .grid import Sublayer
 
 
 class PrefixForward:
-    """Logits of a resident HF causal LM whose current weights are the candidate's, reusing the reference
-    candidate's hidden states for the unchanged prefix of layers.
+    """Logits of a resident HF causal LM whose current weights are a candidate's, reusing the reference
+    candidate's (the parent's) hidden states for the unchanged prefix of layers.
 
     Args:
         model: the resident model (its output projections are swapped by ``SupernetModel.apply``).
         sublayers: the genes, giving each level's layer.
-        budget_bytes: largest cache of hidden states kept; above it, forwards are computed in full.
+        budget_bytes: most bytes of cached hidden states; the oldest minibatches are dropped beyond it.
     """
 
     def __init__(self, model: nn.Module, sublayers: list[Sublayer], budget_bytes: int = 2 << 30):
@@ -29,16 +31,16 @@ class PrefixForward:
         self.layer_of = [s.layer for s in sublayers]
         self.budget_bytes = budget_bytes
         self.reference: list[int] | None = None
-        self._key: tuple | None = None
-        self._hidden: list[torch.Tensor] = []
+        self._cache: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
         self._pos: tuple[torch.Tensor, torch.Tensor] | None = None
         self.layers_run = 0
         self.layers_full = 0
 
     def set_reference(self, levels: list[int]) -> None:
-        """The candidate whose hidden states are cached (the search parent); clears the cache if it changed."""
+        """The candidate whose prefix states are shared (the search parent); clears the cache if it changed."""
         if levels != self.reference:
-            self.reference, self._key, self._hidden = list(levels), None, []
+            self.reference = list(levels)
+            self._cache.clear()
 
     def first_changed_layer(self, levels: list[int]) -> int:
         if self.reference is None:
@@ -50,46 +52,44 @@ class PrefixForward:
         """Logits ``(B, T, V)`` of the model's current weights (which must be ``levels``) on ``input_ids``."""
         inner = self.model.model
         n_layers = len(inner.layers)
-        self.layers_full += n_layers
-        key = (tuple(input_ids.shape), hash(input_ids.numpy().tobytes()))
-        is_reference = levels == self.reference
-        cacheable = self._fits(input_ids)
-        if cacheable and is_reference and self._key != key:
-            return self._run_and_cache(input_ids, key)
-        start = self.first_changed_layer(levels) if (cacheable and self._key == key) else 0
-        h = self._hidden[start].clone() if start > 0 else inner.embed_tokens(input_ids)
+        shared = self.first_changed_layer(levels)  # boundaries 0..shared hold reference states
+        states = self._states(input_ids)
+        start = min(shared, len(states) - 1) if states else 0
+        h = states[start] if states else inner.embed_tokens(input_ids)
+        if not states:
+            states.append(h)
         pos = self._positions(input_ids)
-        for layer in inner.layers[start:]:
-            h = self._block(layer, h, pos)
+        for j in range(start, n_layers):
+            h = self._block(inner.layers[j], h, pos)
+            if j < shared and j + 1 == len(states):
+                states.append(h)  # still the reference's computation: share it
         self.layers_run += n_layers - start
+        self.layers_full += n_layers
+        self._trim()
         return self.model.lm_head(inner.norm(h))
 
-    def _fits(self, input_ids: torch.Tensor) -> bool:
-        hidden = self.model.config.hidden_size
-        layers = len(self.model.model.layers)
-        return input_ids.numel() * hidden * 4 * (layers + 1) <= self.budget_bytes
+    def _states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        key = (tuple(input_ids.shape), hash(input_ids.numpy().tobytes()))
+        if key not in self._cache:
+            self._cache[key] = []
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
+    def _trim(self) -> None:
+        def size() -> int:
+            return sum(t.numel() * t.element_size() for states in self._cache.values() for t in states)
+
+        while len(self._cache) > 1 and size() > self.budget_bytes:
+            self._cache.popitem(last=False)
 
     def _positions(self, input_ids: torch.Tensor):
         t = input_ids.shape[1]
         if self._pos is None or self._pos[0].shape[-2] != t:
-            ids = torch.arange(t)[None]
             dtype = self.model.model.embed_tokens.weight.dtype
-            self._pos = self.model.model.rotary_emb(torch.zeros(1, t, 1, dtype=dtype), ids)
+            self._pos = self.model.model.rotary_emb(torch.zeros(1, t, 1, dtype=dtype), torch.arange(t)[None])
         return self._pos
 
     @staticmethod
     def _block(layer: nn.Module, h: torch.Tensor, pos) -> torch.Tensor:
         out = layer(h, attention_mask=None, position_embeddings=pos)
         return out[0] if isinstance(out, tuple) else out
-
-    def _run_and_cache(self, input_ids: torch.Tensor, key: tuple) -> torch.Tensor:
-        inner = self.model.model
-        pos = self._positions(input_ids)
-        h = inner.embed_tokens(input_ids)
-        hidden = [h]
-        for layer in inner.layers:
-            h = self._block(layer, h, pos)
-            hidden.append(h)
-        self._key, self._hidden = key, hidden
-        self.layers_run += len(inner.layers)
-        return self.model.lm_head(inner.norm(h))
