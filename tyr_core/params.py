@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -10,30 +11,35 @@ from .pruned import PrunedLayout
 
 
 def _fixed(config: PretrainedConfig) -> int:
-    """Embeddings, lm_head (once if tied) and norms: never pruned."""
+    """Embeddings, lm_head (once if tied) and the final norm: never pruned."""
     geo = geometry(config)
     emb = config.vocab_size * geo.hidden
     head = 0 if getattr(config, "tie_word_embeddings", False) else emb
-    norms = geo.hidden * (2 * geo.num_layers + 1)
-    if geo.family == "qwen3":
-        norms += 2 * geo.head_dim * geo.num_layers
-    return emb + head + norms
+    return emb + head + geo.hidden
+
+
+def _sublayer_total(geo, kind, kept) -> int:
+    """A sublayer's projections plus its norms (which go with it when the whole sublayer is dropped)."""
+    if kept.numel() == 0:
+        return 0
+    norms = geo.hidden + (2 * geo.head_dim if kind == "attn" and geo.family == "qwen3" else 0)
+    return geo.sublayer_params(kind, kept) + norms
 
 
 def dense_params(config: PretrainedConfig) -> dict:
     geo = geometry(config)
-    per_layer = geo.dense_sublayer_params("attn") + geo.dense_sublayer_params("mlp")
+    per_layer = sum(_sublayer_total(geo, k, torch.arange(geo.groups(k))) for k in ("attn", "mlp"))
     return {"total": _fixed(config) + geo.num_layers * per_layer, "prunable": geo.num_layers * per_layer}
 
 
 def layout_params(config: PretrainedConfig, layout: PrunedLayout) -> dict:
-    """Total and per-layer parameters that physically remain, and how many were removed."""
+    """Total and per-layer parameters that physically remain (norms of dropped sublayers go too), and how many
+    were removed."""
     geo = geometry(config)
-    per_layer = []
-    for layer in range(geo.num_layers):
-        attn = geo.sublayer_params("attn", layout[(layer, "attn")].kept)
-        mlp = geo.sublayer_params("mlp", layout[(layer, "mlp")].kept)
-        per_layer.append({"attn": attn, "mlp": mlp})
+    per_layer = [
+        {kind: _sublayer_total(geo, kind, layout[(layer, kind)].kept) for kind in ("attn", "mlp")}
+        for layer in range(geo.num_layers)
+    ]
     prunable = sum(p["attn"] + p["mlp"] for p in per_layer)
     dense = dense_params(config)
     return {

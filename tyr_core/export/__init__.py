@@ -1,0 +1,33 @@
+"""Exports of a pruned layout: compact (per-layer shapes), masked dense, vLLM Nemotron-NAS, and the sparsity report.
+
+Importing this package registers ``tyr_llama`` with transformers' Auto classes, so an exported compact model loads
+with ``AutoModelForCausalLM.from_pretrained(dir)`` where tyr is installed (``trust_remote_code=True`` elsewhere).
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .compact import build_compact_model, compact_config, compact_state_dict, save_compact
+from .configuration_tyr import TyrConfig
+from .masked import masked_model, save_masked
+from .modeling_tyr import TyrForCausalLM
+from .nemotron import nemotron_config, save_nemotron, validate_nemotron
+from .plot import sparsity_distribution, write_sparsity_report
+
+AutoConfig.register("tyr_llama", TyrConfig, exist_ok=True)
+AutoModelForCausalLM.register(TyrConfig, TyrForCausalLM, exist_ok=True)
+
+__all__ = [
+    "TyrConfig",
+    "TyrForCausalLM",
+    "build_compact_model",
+    "compact_config",
+    "compact_state_dict",
+    "masked_model",
+    "nemotron_config",
+    "save_compact",
+    "save_masked",
+    "save_nemotron",
+    "sparsity_distribution",
+    "validate_nemotron",
+    "write_sparsity_report",
+]
