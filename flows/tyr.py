@@ -92,8 +92,13 @@ def tyr(
             log.info("iteration %d: fitness %s", it, result["fitness"])
         exports = [export_format(ref, last, fmt) for fmt in config.export.formats]
         report = evaluate(ref, last)
-        return {"run_id": ref.run_id, "store_url": ref.store_url, "result": result, "exports": exports,
-                "report": report}
+        return {
+            "run_id": ref.run_id,
+            "store_url": ref.store_url,
+            "result": result,
+            "exports": exports,
+            "report": report,
+        }
     finally:
         release_run(ref)
 

@@ -209,10 +209,12 @@ def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
     key = keys.search_state_key(iteration, generation)
     if not is_committed(ws.store, key):
         state = _previous_state(ws, iteration, generation)
-        genes = ws.reader(iteration).sublayers
-        sm = ws.search_model(iteration)
-        windows = ws.calibration()
-        evaluate = make_kl_evaluator(sm.apply, lambda ids: sm.model(ids).logits, windows, _teacher(ws))
+        sm, forward = ws.search_model(iteration)
+        teacher_ = _teacher(ws)
+        windows = ws.calibration()[: teacher_.index["windows"]]
+        forward.set_reference(state.parent)  # offspring share the parent's unchanged layers
+        evaluate = make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)
+        genes = sm.reader.sublayers
         state = run_generation(state, genes, evaluate, ws.config.search, windows.shape[0], windows.shape[1])
         commit_bytes(ws.store, key, state.model_dump_json().encode(), ws.config.artefact_hash())
     state = SearchState.model_validate_json(ws.store.get_bytes(key))

@@ -21,6 +21,7 @@ from tyr_core.config import RunConfig, load_run_config
 from tyr_core.families import default_cache_dir, resolve_model
 from tyr_core.layerwise import LayerwiseModel
 from tyr_core.pipeline import prune_settings
+from tyr_core.prefix import PrefixForward
 from tyr_core.store import Store, fetch_verified, read_json
 from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy
 
@@ -45,7 +46,7 @@ class Workspace:
     lock: threading.RLock = field(default_factory=threading.RLock)
     _model: LayerwiseModel | None = None
     _cursors: dict[int, LayerCursor] = field(default_factory=dict)
-    _search: dict[int, SupernetModel] = field(default_factory=dict)
+    _search: dict[int, tuple[SupernetModel, PrefixForward]] = field(default_factory=dict)
 
     def fetch(self, key: str) -> Path:
         """Local, verified copy of a committed artefact (downloaded once per process)."""
@@ -95,12 +96,17 @@ class Workspace:
 
         return AutoModelForCausalLM.from_pretrained(self.model.folder, dtype=self.model.dtype).eval()
 
-    def search_model(self, iteration: int) -> SupernetModel:
-        """The one resident model for the search; candidates swap only the sublayers whose level changed."""
+    def search_model(self, iteration: int) -> tuple[SupernetModel, PrefixForward]:
+        """The one resident model for the search; candidates swap only the sublayers whose level changed, and
+        their forwards share the parent's unchanged layers (``search.prefix_sharing``)."""
         with self.lock:
             if iteration not in self._search:
                 self._search = {}  # one resident model: drop the previous iteration's
-                self._search[iteration] = SupernetModel(self.dense_model(), self.reader(iteration), self.model.geometry)
+                dense = self.dense_model()
+                dense.config._attn_implementation = "sdpa"
+                sm = SupernetModel(dense, self.reader(iteration), self.model.geometry)
+                budget = (2 << 30) if self.config.search.prefix_sharing else 0
+                self._search[iteration] = (sm, PrefixForward(dense, sm.reader.sublayers, budget))
             return self._search[iteration]
 
 

@@ -23,7 +23,7 @@ class PrefixForward:
     Args:
         model: the resident model (its output projections are swapped by ``SupernetModel.apply``).
         sublayers: the genes, giving each level's layer.
-        budget_bytes: most bytes of cached hidden states; the oldest minibatches are dropped beyond it.
+        budget_bytes: most bytes of cached hidden states (oldest minibatches dropped beyond it); 0 disables sharing.
     """
 
     def __init__(self, model: nn.Module, sublayers: list[Sublayer], budget_bytes: int = 2 << 30):
@@ -52,8 +52,9 @@ class PrefixForward:
         """Logits ``(B, T, V)`` of the model's current weights (which must be ``levels``) on ``input_ids``."""
         inner = self.model.model
         n_layers = len(inner.layers)
-        shared = self.first_changed_layer(levels)  # boundaries 0..shared hold reference states
-        states = self._states(input_ids)
+        sharing = self.budget_bytes > 0
+        shared = self.first_changed_layer(levels) if sharing else 0  # boundaries 0..shared: reference states
+        states = self._states(input_ids) if sharing else []
         start = min(shared, len(states) - 1) if states else 0
         h = states[start] if states else inner.embed_tokens(input_ids)
         if not states:
