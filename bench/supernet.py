@@ -19,11 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tyr_core.evaluate import perplexity  # noqa: E402
-
 from tasks.assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 from tyr_core.calibration import eval_windows, load_documents  # noqa: E402
 from tyr_core.config import CalibrationConfig, PruneConfig  # noqa: E402
+from tyr_core.evaluate import perplexity  # noqa: E402
 from tyr_core.layerwise import LayerwiseModel  # noqa: E402
 from tyr_core.pipeline import (  # noqa: E402
     apply_layout,

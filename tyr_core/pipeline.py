@@ -5,18 +5,33 @@ Each function takes the config section it needs and returns values; the Prefect 
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from .artifacts import KINDS, Kind
 from .calibration import load_documents, packed_windows, reference_chunks, tokenize
-from .config import CalibrationConfig, PruneConfig
+from .config import CalibrationConfig, PruneConfig, RunConfig
 from .errors import CalibrationError
 from .families import Geometry
-from .grid import Sublayer, build_sublayers, uniform_centres
+from .fitness import TeacherTopK
+from .grid import Sublayer, build_sublayers, recentre, uniform_centres
+from .layerwise import LayerwiseModel
 from .local_prune import magnitude_prune
 from .pruned import PrunedLayout, scatter_columns
-from .supernet import PruneSettings, output_linear
+from .supernet import (
+    Progress,
+    PruneSettings,
+    SupernetBuild,
+    SupernetModel,
+    SupernetReader,
+    build_supernet,
+    output_linear,
+)
 
 
 def calibration_windows(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
@@ -81,3 +96,65 @@ def apply_layout(model: nn.Module, layout: PrunedLayout, geo: Geometry) -> None:
         for (layer, kind), sub in layout.items():
             lin = output_linear(model.model.layers[layer], kind)
             lin.weight.copy_(scatter_columns(sub, lin.in_features, geo.group_size(kind)))
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    levels: list[int]
+    fitness: float | None
+    sparsities: dict[str, float]
+    next_centres: dict
+    supernet_s: float
+    search_s: float
+    generation_s: list[float]
+    supernet_bytes: int
+
+
+def run_iteration_local(
+    model_folder: Path,
+    windows: torch.Tensor,
+    teacher: TeacherTopK,
+    cfg: RunConfig,
+    iteration: int,
+    centres: dict,
+    workdir: Path,
+    progress: Progress | None = None,
+) -> IterationResult:
+    """One coarse-to-fine iteration with plain core functions (no orchestration): supernet, then search."""
+    from .fitness import make_kl_evaluator
+    from .prefix import PrefixForward
+    from .search import initial_state, run_generation
+
+    lm = LayerwiseModel(model_folder)
+    subs = plan_iteration(lm.geometry, cfg.prune, iteration, centres)
+    out = workdir / f"iter-{iteration}"
+    t0 = time.perf_counter()
+    index = build_supernet(SupernetBuild(lm, windows, subs, prune_settings(cfg.prune), out, iteration), progress)
+    supernet_s = time.perf_counter() - t0
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    model.config._attn_implementation = "sdpa"
+    sm = SupernetModel(model, SupernetReader(out), lm.geometry)
+    forward = PrefixForward(model, subs, (2 << 30) if cfg.search.prefix_sharing else 0)
+    search_windows = windows[: teacher.index["windows"]]
+    evaluate = make_kl_evaluator(sm.apply, forward.logits, search_windows, teacher)
+    state = initial_state(subs, cfg.seed + iteration, iteration)
+    gen_s = []
+    for _ in range(cfg.search.generations):
+        g0 = time.perf_counter()
+        forward.set_reference(state.parent)
+        state = run_generation(state, subs, evaluate, cfg.search, *search_windows.shape)
+        gen_s.append(time.perf_counter() - g0)
+        if progress:
+            progress("search", state.generation, cfg.search.generations)
+    return IterationResult(
+        iteration=iteration,
+        levels=state.parent,
+        fitness=state.parent_fitness,
+        sparsities={s.name: s.sparsity(lv) for s, lv in zip(subs, state.parent, strict=True)},
+        next_centres=recentre(subs, state.parent),
+        supernet_s=supernet_s,
+        search_s=sum(gen_s),
+        generation_s=gen_s,
+        supernet_bytes=sum(e["bytes"] for e in index["copies"]),
+    )
