@@ -1,0 +1,213 @@
+"""End to end on real parts (loopback only): a real ``prefect server``, ``prefect deploy --all`` from
+deployments/prefect.yaml, a process worker, and the tiny preset. The worker is killed during the supernet build
+and again during the search; the first run is retried the way the UI's Retry does (same flow run), the second is
+resumed by a new flow run with the same run id. Both finish with the uninterrupted run's result, nothing
+committed is recomputed, and GC leaves only the last iteration's supernet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+# more copies and generations than the preset, so that the kills land inside the phase they target
+OVERRIDES = ["prune.num_levels=9", "prune.interval=0.125", "calibration.num_windows=32", "search.generations=6"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect")
+    store = tmp_path_factory.mktemp("store")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "TYR_REPO_DIR": str(REPO),
+        "TYR_STORE_URL": f"file://{store}",
+        "TYR_S3_ENDPOINT_URL": "",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+    for _ in range(120):
+        try:
+            if api.get("/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    cli = [sys.executable, "-m", "prefect"]
+    subprocess.run(
+        [*cli, "work-pool", "create", "tyr-process", "--type", "process"], env=env, check=True, capture_output=True
+    )
+    subprocess.run(
+        [*cli, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
+    yield {"env": env, "api": api, "store": store, "cli": cli}
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def _worker(prefect) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*prefect["cli"], "worker", "start", "--pool", "tyr-process"],
+        env=prefect["env"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _flow_run_processes() -> list[int]:
+    """PIDs of flow-run processes (the process worker starts them in sessions of their own)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"PREFECT__FLOW_RUN_ID=" in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _kill(worker: subprocess.Popen) -> None:
+    """SIGKILL the worker and every flow-run process: what a dying node does to a run."""
+    os.killpg(worker.pid, signal.SIGKILL)
+    for pid in _flow_run_processes():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.wait(timeout=30)
+
+
+def _run(prefect, run_id: str, keep_last: int = 1) -> str:
+    params = json.dumps({"run_id": run_id, "overrides": [*OVERRIDES, f"keep_last={keep_last}"]})
+    out = subprocess.run(
+        [*prefect["cli"], "deployment", "run", "tyr/tiny-test", "--params", params],
+        env=prefect["env"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    return next(w for w in out.stdout.split() if w.count("-") == 4 and len(w) == 36)  # the flow run id
+
+
+def _wait_for(path_glob: str, root: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(root.glob(path_glob)):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(path_glob)
+
+
+def _state(prefect, flow_run_id: str) -> str:
+    return prefect["api"].get(f"/flow_runs/{flow_run_id}").json()["state_type"]
+
+
+def _wait_final(prefect, flow_run_id: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _state(prefect, flow_run_id)
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state
+        time.sleep(1)
+    raise TimeoutError(flow_run_id)
+
+
+def _logs(prefect, flow_run_id: str) -> str:
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 20, "sort": "TIMESTAMP_DESC"}
+    entries = prefect["api"].post("/logs/filter", json=body).json()
+    return "\n".join(e["message"][-1500:] for e in reversed(entries))[-6000:]
+
+
+def _completes(prefect, flow_run_id: str) -> None:
+    state = _wait_final(prefect, flow_run_id)
+    assert state == "COMPLETED", _logs(prefect, flow_run_id)
+
+
+def _manifests(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*.manifest.json")}
+
+
+def _result(root: Path) -> dict:
+    return json.loads((root / "iter-2" / "result.json").read_text())
+
+
+def test_killed_runs_resume_by_ui_retry_and_by_new_run_without_recomputing(prefect):
+    store = prefect["store"] / "runs"
+    worker = _worker(prefect)
+    try:
+        ref_id = _run(prefect, "uninterrupted")
+        _completes(prefect, ref_id)
+    finally:
+        _kill(worker)
+    reference = _result(store / "uninterrupted")
+
+    # (a) killed during the supernet build, then Retry of the same flow run, as the UI does
+    worker = _worker(prefect)
+    flow_run = _run(prefect, "retried", keep_last=2)  # keep iteration 1 so its manifests can be compared
+    _wait_for("iter-1/supernet/layer-0/*/*.manifest.json", store / "retried")
+    _kill(worker)
+    assert not (store / "retried" / "iter-1" / "supernet" / "index.json").exists()
+    before = _manifests(store / "retried")
+    api = prefect["api"]
+    api.post(f"/flow_runs/{flow_run}/set_state", json={"state": {"type": "CRASHED"}, "force": True})  # zombie
+    retry = {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": False}
+    assert api.post(f"/flow_runs/{flow_run}/set_state", json=retry).json()["status"] == "ACCEPT"
+    worker = _worker(prefect)
+    try:
+        _completes(prefect, flow_run)
+    finally:
+        _kill(worker)
+    after = _manifests(store / "retried")
+    assert before and all(after[k] == v for k, v in before.items())  # nothing committed before the kill was recomputed
+    assert _result(store / "retried")["levels"] == reference["levels"]
+
+    # (b) killed during the search, then a brand-new flow run with the same run id
+    worker = _worker(prefect)
+    _run(prefect, "resumed", keep_last=2)
+    _wait_for("iter-1/search/gen-2.json.manifest.json", store / "resumed")
+    _kill(worker)
+    before = _manifests(store / "resumed")
+    worker = _worker(prefect)
+    try:
+        _completes(prefect, _run(prefect, "resumed", keep_last=2))
+    finally:
+        _kill(worker)
+    after = _manifests(store / "resumed")
+    assert before and all(after[k] == v for k, v in before.items())
+    assert _result(store / "resumed")["levels"] == reference["levels"]
+    # GC (keep_last=1) left only the last iteration's supernet
+    assert not list((store / "uninterrupted").glob("iter-1/supernet/**/*.safetensors"))
+    assert list((store / "uninterrupted").glob("iter-2/supernet/**/*.safetensors"))
