@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--modes", nargs="+", default=["expectation", "centre", "none"])
+    ap.add_argument("--refit-target", choices=["pruned", "dense"], default="pruned")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -63,7 +64,7 @@ def main() -> None:
     emit(metric="dense", ppl=perplexity(dense, heldout), eval_tokens=heldout.numel())
 
     for mode in args.modes:
-        pcfg = PruneConfig(target_sparsity=args.sparsity, accumulation=mode)
+        pcfg = PruneConfig(target_sparsity=args.sparsity, accumulation=mode, refit_target=args.refit_target)
         lm = LayerwiseModel(folder)
         subs = plan_iteration(lm.geometry, pcfg, 1, initial_centres(lm.geometry, pcfg))
         out = Path(tempfile.mkdtemp(prefix="tyr-bench-"))

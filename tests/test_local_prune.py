@@ -64,3 +64,22 @@ def test_keep_out_of_range_is_rejected():
     w, h = _problem()
     with pytest.raises(ValueError, match="outside"):
         prune_linear(w, h, 16, 5, 1)
+
+
+def test_dense_target_refit_fits_dense_outputs_from_pruned_inputs():
+    from tyr_core.local_prune import prepare, prune_prepared
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(512, 64, generator=g)
+    x_pruned = x + 0.3 * torch.randn(512, 64, generator=g)  # upstream pruning perturbed the inputs
+    w = torch.randn(48, 64, generator=g)
+    h, cross = x_pruned.t() @ x_pruned, x_pruned.t() @ x
+    same = prune_prepared(prepare(w, h, 0.01, cross=h), 1, 40, 16)
+    assert torch.equal(same.weight, prune_linear(w, h, 1, 40, 16).weight)  # identical streams: the reference
+    copy = prune_prepared(prepare(w, h, 0.01, cross=cross), 1, 40, 16)
+    full = scatter_columns(copy, 64, 1).double()
+    lam = (damp(h, 0.01) - h).double()
+    grad = full @ (h.double() + lam) - w.double() @ (cross.double().t() + lam)  # of ||X W^T - X~ W_hat^T||^2 + ridge
+    assert grad[:, copy.kept].abs().max() / grad.abs().max() < 1e-4
+    err = lambda m: float(((x @ w.t()) - (x_pruned @ m.float().t())).pow(2).sum())  # noqa: E731
+    assert err(full) < err(scatter_columns(prune_linear(w, h, 1, 40, 16), 64, 1))

@@ -192,3 +192,21 @@ def test_accumulation_modes_feed_different_inputs(tiny_folder, windows, tmp_path
 def test_reader_takes_the_grid_from_the_index(tiny_folder, windows, tmp_path):
     _, subs, _ = _build(tiny_folder("mistral"), windows, tmp_path)
     assert SupernetReader(tmp_path).sublayers == subs
+
+
+def test_dense_refit_target_keeps_a_dense_stream_beside_the_pruned_one(tiny_folder, windows):
+    folder = tiny_folder("llama")
+    subs = build_sublayers({"attn": 4, "mlp": 128}, 2, CENTRES, 0.25, 9)
+    cursor = LayerCursor(LayerwiseModel(folder), windows, PruneSettings(refit_target="dense"))
+    copies = {s.kind: {lv: cursor.prune(s, lv) for lv in s.levels} for s in subs if s.layer == 0}
+    cursor.advance(subs, copies)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        dense_hidden = model(windows, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(cursor._dense[1].data, dense_hidden, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cursor.inputs.data, dense_hidden, atol=1e-3)
+    # the copies of layer 1 differ from the pruned-target ones: they fit the dense stream's outputs
+    plain = LayerCursor(LayerwiseModel(folder), windows, PruneSettings())
+    plain.advance(subs, copies)
+    sub = subs[3]
+    assert not torch.allclose(cursor.prune(sub, 0).weight, plain.prune(sub, 0).weight)

@@ -57,6 +57,9 @@ class PruneConfig(_Strict):
     attn_rounds: int = Field(1, ge=1, description="head-removal rounds per copy")
     mlp_rounds: int = Field(16, ge=1, description="neuron-removal rounds per copy")
     accumulation: Literal["expectation", "centre", "none"] = Field("expectation", description="paper eq. 5 default")
+    refit_target: Literal["pruned", "dense"] = Field(
+        "pruned", description="fit the dense weight on pruned inputs (reference) or the dense model's outputs"
+    )
     batch_size: int = Field(8, ge=1)
     activation_memory_mb: int = Field(4096, ge=1, description="calibration activations above this spill to disk")
 

@@ -85,12 +85,20 @@ class LocalProblem:
     hinv: torch.Tensor  # inv(H)
 
 
-def prepare(weight: torch.Tensor, hessian: torch.Tensor, damping: float = 0.01) -> LocalProblem:
-    """Damp ``H``, zero dead inputs, and compute ``G = H B`` and ``H^-1`` once per sublayer."""
+def prepare(
+    weight: torch.Tensor, hessian: torch.Tensor, damping: float = 0.01, cross: torch.Tensor | None = None
+) -> LocalProblem:
+    """Damp ``H``, zero dead inputs, and compute ``G`` and ``H^-1`` once per sublayer.
+
+    ``G = H B`` fits the dense weight's outputs on the inputs ``H`` was collected from. With ``cross =
+    sum x_pruned x_dense^T`` it is ``(cross + damping) B`` instead: the copy then fits the *dense model's* outputs
+    from the pruned model's inputs, correcting upstream error rather than reproducing it (docs/algorithm.md).
+    """
     b = weight.detach().float().t().contiguous()
     b[torch.diagonal(hessian) == 0] = 0
     h = damp(hessian, damping)
-    return LocalProblem(weight, b, h, h @ b, torch.linalg.inv(h.double()).float())
+    g = h @ b if cross is None else (cross.float() + (h - hessian.float())) @ b
+    return LocalProblem(weight, b, h, g, torch.linalg.inv(h.double()).float())
 
 
 def select_groups(problem: LocalProblem, group_size: int, keep: int, rounds: int) -> torch.Tensor:

@@ -60,6 +60,7 @@ def prune_settings(cfg: PruneConfig, spill_dir=None) -> PruneSettings:
         attn_rounds=cfg.attn_rounds,
         mlp_rounds=cfg.mlp_rounds,
         accumulation=cfg.accumulation,
+        refit_target=cfg.refit_target,
         batch_size=cfg.batch_size,
         activation_budget_bytes=cfg.activation_memory_mb << 20,
         spill_dir=spill_dir,

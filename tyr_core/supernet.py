@@ -29,6 +29,7 @@ from .pruned import PrunedLayout, PrunedSublayer, scatter_columns
 log = logging.getLogger(__name__)
 
 Accumulation = Literal["expectation", "centre", "none"]
+RefitTarget = Literal["pruned", "dense"]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -40,6 +41,7 @@ class PruneSettings:
     attn_rounds: int = 1
     mlp_rounds: int = 16
     accumulation: Accumulation = "expectation"
+    refit_target: RefitTarget = "pruned"  # "dense": fit the dense model's outputs (see prepare())
     batch_size: int = 8
     activation_budget_bytes: int = 4 << 30
     spill_dir: Path | None = None
@@ -63,6 +65,30 @@ def layer_stats(
     with capture_inputs(linears, accumulate):
         run_block(block, inputs, None, pos, batch_size)
     return hessians
+
+
+def paired_stats(
+    block: nn.Module, inputs: Activations, dense_inputs: Activations, pos, batch_size: int
+) -> tuple[dict[Kind, torch.Tensor], dict[Kind, torch.Tensor]]:
+    """``H = sum x x^T`` of the pruned stream and ``C = sum x x_dense^T`` against the dense stream, per output
+    projection, from one pass of the (dense-weight) block over each stream."""
+    linears = {kind: output_linear(block, kind) for kind in KINDS}
+    hessians = {kind: torch.zeros(lin.in_features, lin.in_features) for kind, lin in linears.items()}
+    cross = {kind: torch.zeros_like(h) for kind, h in hessians.items()}
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(kind: str, x: torch.Tensor) -> None:
+        seen[kind] = x.reshape(-1, x.shape[-1]).float()
+
+    with capture_inputs(linears, grab), torch.inference_mode():
+        for (_, x), (_, xd) in zip(inputs.batches(batch_size), dense_inputs.batches(batch_size), strict=True):
+            block(xd, attention_mask=None, position_embeddings=pos)
+            dense = dict(seen)
+            block(x, attention_mask=None, position_embeddings=pos)
+            for kind in KINDS:
+                hessians[kind].addmm_(seen[kind].t(), seen[kind])
+                cross[kind].addmm_(seen[kind].t(), dense[kind])
+    return hessians, cross
 
 
 def prune_copy(
@@ -161,6 +187,12 @@ class LayerCursor:
         budget, spill = settings.activation_budget_bytes, settings.spill_dir
         self._acts = [Activations(shape, model.dtype, budget, spill) for _ in range(2)]
         embed_windows(model, windows, self._acts[0], settings.batch_size)
+        # the dense model's own activations, for fitting dense outputs from pruned inputs
+        self._dense: list[Activations] | None = None
+        if settings.refit_target == "dense" and settings.accumulation != "none":
+            self._dense = [Activations(shape, model.dtype, budget, spill) for _ in range(2)]
+            self._dense[0].data.copy_(self._acts[0].data)
+        self._cross: dict[Kind, torch.Tensor] | None = None
         self.pos = model.position_embeddings(t)
         self.layer = 0
         self._block: nn.Module | None = None
@@ -181,7 +213,12 @@ class LayerCursor:
         """``H`` of ``o_proj`` and ``down_proj`` of the current layer (one pass over its inputs, computed once)."""
         with self._lock:
             if self._hessians is None:
-                self._hessians = layer_stats(self._current_block(), self.inputs, self.pos, self.settings.batch_size)
+                block, bs = self._current_block(), self.settings.batch_size
+                if self._dense is None:
+                    self._hessians = layer_stats(block, self.inputs, self.pos, bs)
+                else:
+                    dense_inputs = self._dense[self.layer % 2]
+                    self._hessians, self._cross = paired_stats(block, self.inputs, dense_inputs, self.pos, bs)
             return self._hessians
 
     def problem(self, kind: Kind) -> LocalProblem:
@@ -189,7 +226,9 @@ class LayerCursor:
         with self._lock:
             if kind not in self._problems:
                 dense = output_linear(self._current_block(), kind).weight.detach().clone()
-                self._problems[kind] = prepare(dense, self.hessians()[kind], self.settings.damping)
+                hessian = self.hessians()[kind]
+                cross = self._cross[kind] if self._cross is not None else None
+                self._problems[kind] = prepare(dense, hessian, self.settings.damping, cross)
             return self._problems[kind]
 
     def prune(self, sub: Sublayer, level: int) -> PrunedSublayer:
@@ -200,6 +239,9 @@ class LayerCursor:
     def advance(self, sublayers: list[Sublayer], copies: dict[Kind, dict[int, PrunedSublayer]]) -> None:
         """Give the current layer its expected weights, run it, and move to the next layer."""
         block, geo = self._current_block(), self.model.geometry
+        if self._dense is not None:  # the dense stream first, while the block still has its dense weights
+            nxt = self._dense[(self.layer + 1) % 2]
+            run_block(block, self._dense[self.layer % 2], nxt, self.pos, self.settings.batch_size)
         for sub in (s for s in sublayers if s.layer == self.layer):
             lin = output_linear(block, sub.kind)
             new = expected_weight(sub, copies[sub.kind], lin.weight.detach(), geo, self.settings.accumulation)
@@ -207,7 +249,7 @@ class LayerCursor:
                 lin.weight.copy_(new)
         run_block(block, self.inputs, self._acts[(self.layer + 1) % 2], self.pos, self.settings.batch_size)
         self.layer += 1
-        self._block, self._hessians, self._problems = None, None, {}
+        self._block, self._hessians, self._cross, self._problems = None, None, None, {}
 
     def seek(self, layer: int, sublayers: list[Sublayer], load: Callable[[int], dict[Kind, dict[int, PrunedSublayer]]]):
         """Replay layers up to ``layer`` with their committed copies (``load(layer)``), e.g. after a restart."""
