@@ -1,7 +1,7 @@
 """End to end on real parts (loopback only): a real ``prefect server``, ``prefect deploy --all`` from
 deployments/prefect.yaml, a process worker, and the tiny preset. The worker is killed during the supernet build
-and again during the search; the first run is retried the way the UI's Retry does (same flow run), the second is
-resumed by a new flow run with the same run id. Both finish with the uninterrupted run's result, nothing
+and again during the search; the first run is retried by pressing Retry in the real UI served by that server
+(headless Debian Chromium driven by Playwright), the second is resumed by a new flow run with the same run id. Both finish with the uninterrupted run's result, nothing
 committed is recomputed, and GC leaves only the last iteration's supernet."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/install); Playwright never downloads a browser
 # more copies and generations than the preset, so that the kills land inside the phase they target
 OVERRIDES = ["prune.num_levels=9", "prune.interval=0.125", "calibration.num_windows=32", "search.generations=6"]
 
@@ -156,6 +157,43 @@ def _completes(prefect, flow_run_id: str) -> None:
     assert state == "COMPLETED", _logs(prefect, flow_run_id)
 
 
+def _task_states(prefect, flow_run_id: str) -> dict[str, list[str]]:
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    states: dict[str, list[str]] = {}
+    for tr in prefect["api"].post("/task_runs/filter", json=body).json():
+        states.setdefault(tr["name"].rsplit("-", 1)[0], []).append(tr["state_name"])
+    return states
+
+
+def _press_retry_in_ui(prefect, flow_run_id: str) -> None:
+    """Open the run in the real UI served by the server, press Retry and confirm (headless Debian Chromium)."""
+    from playwright.sync_api import sync_playwright
+
+    base = prefect["env"]["PREFECT_API_URL"].removesuffix("/api")
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+    ]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(f"{base}/runs/flow-run/{flow_run_id}")
+        page.get_by_role("button", name="Retry", exact=True).click()
+        dialog = page.get_by_role("dialog")
+        with page.expect_response(lambda r: r.url.endswith(f"/flow_runs/{flow_run_id}/set_state")) as response:
+            dialog.get_by_role("button", name="Retry", exact=True).click()
+        assert response.value.status == 201
+        browser.close()
+    state = prefect["api"].get(f"/flow_runs/{flow_run_id}").json()["state"]
+    assert state["name"] in ("AwaitingRetry", "Pending", "Running"), state
+
+
 def _manifests(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*.manifest.json")}
 
@@ -182,16 +220,21 @@ def test_killed_runs_resume_by_ui_retry_and_by_new_run_without_recomputing(prefe
     assert not (store / "retried" / "iter-1" / "supernet" / "index.json").exists()
     before = _manifests(store / "retried")
     api = prefect["api"]
-    api.post(f"/flow_runs/{flow_run}/set_state", json={"state": {"type": "CRASHED"}, "force": True})  # zombie
-    retry = {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": False}
-    assert api.post(f"/flow_runs/{flow_run}/set_state", json=retry).json()["status"] == "ACCEPT"
+    # a killed node's run is marked Crashed (what Prefect's zombie detection does), then Retry is pressed in the UI
+    api.post(f"/flow_runs/{flow_run}/set_state", json={"state": {"type": "CRASHED"}, "force": True})
+    _press_retry_in_ui(prefect, flow_run)
     worker = _worker(prefect)
     try:
         _completes(prefect, flow_run)
     finally:
         _kill(worker)
     after = _manifests(store / "retried")
-    assert before and all(after[k] == v for k, v in before.items())  # nothing committed before the kill was recomputed
+    assert before and all(after[k] == v for k, v in before.items())
+    states = _task_states(prefect, flow_run)
+    assert states["calibrate"] == ["Completed", "Cached"] and states["teacher"] == ["Completed", "Cached"]
+    assert (
+        "Cached" in states["local-prune"]
+    )  # copies committed before the kill come back from the cache  # nothing committed before the kill was recomputed
     assert _result(store / "retried")["levels"] == reference["levels"]
 
     # (b) killed during the search, then a brand-new flow run with the same run id
