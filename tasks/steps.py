@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
 from tyr_core import artifacts as keys
-from tyr_core.errors import StoreError, TyrError
+from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentialsError, StoreError, TyrError
 from tyr_core.fitness import TeacherTopK, make_kl_evaluator, write_teacher_topk
 from tyr_core.grid import Sublayer, recentre
 from tyr_core.pipeline import calibration_windows, initial_centres, plan_iteration
@@ -37,7 +37,8 @@ def _transient(_task, _task_run, state) -> bool:
         error = state.result(raise_on_failure=False)
     except Exception:  # the failure's details could not be read: retry is the safe choice
         return True
-    return not isinstance(error, TyrError) or isinstance(error, StoreError)
+    permanent = (InvalidKeyError, StoreCredentialsError, NoSuchBucketError)
+    return not isinstance(error, TyrError) or (isinstance(error, StoreError) and not isinstance(error, permanent))
 
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient)

@@ -1,32 +1,84 @@
 """The S3 store (the only boto3 user) and the factory that turns a store URL into a ``Store``.
 
-Any S3-compatible endpoint works through ``endpoint_url``. Credentials come from the standard AWS chain
-(environment, profile, instance role) unless given; they never appear in logs, messages, ``repr`` or ``url``.
+Any S3-compatible endpoint works through ``endpoint_url``, as long as it honours conditional writes
+(``PutObject`` with ``If-None-Match: *``), which the commit protocol needs; ``check_store`` proves it. Credentials
+come from the standard AWS chain (environment, profile, instance role) unless given; they never appear in logs,
+messages, ``repr`` or ``url``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import random
 import re
+import threading
+import time
+import uuid
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import boto3
+from boto3.exceptions import Boto3Error, RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tyr_core.errors import MissingArtefactError, StoreError
-from tyr_core.store import FileStore, Store, check_key
+from tyr_core import artifacts as keys
+from tyr_core.errors import (
+    ConfigError,
+    MissingArtefactError,
+    NoSuchBucketError,
+    StoreCredentialsError,
+    StoreError,
+    StoreUnreachableError,
+)
+from tyr_core.store import TEMP_PREFIX, FileStore, Store, check_key, check_prefix
 
 log = logging.getLogger(__name__)
 
+SCHEMES = "file:///PATH, a plain path, or s3://BUCKET/PREFIX"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
-_TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: never a drive letter
+_REJECTED_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidSecurity",
+}
+_NOT_ALLOWED = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+# A broken response body is not covered by botocore's retries, which end once the headers arrive.
+_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
 
 
 class S3Store:
-    """Objects under ``s3://bucket/prefix/`` on any S3-compatible endpoint."""
+    """Objects under ``s3://bucket/prefix/`` on any S3-compatible endpoint.
+
+    Args:
+        bucket: the bucket; it must exist (``check_store`` says so clearly if it does not).
+        prefix: the folder inside the bucket every key is relative to.
+        endpoint_url: a non-AWS endpoint (SeaweedFS, MinIO, moto...); path-style addressing is used with it.
+        region: the region; the AWS chain's (``AWS_DEFAULT_REGION``, profile) when None.
+        access_key, secret_key, session_token: explicit credentials; the standard AWS chain when None.
+        session: a ready ``boto3.Session`` (e.g. from a Prefect ``AwsCredentials`` block), instead of the above.
+        connect_timeout, read_timeout: seconds per attempt.
+        max_attempts: attempts per request (botocore "standard" retries: connection errors, 5xx, throttling).
+        multipart_threshold, multipart_chunksize, max_concurrency: large-file transfers (``put_file``/``get_file``).
+    """
 
     def __init__(
         self,
@@ -36,119 +88,193 @@ class S3Store:
         region: str | None = None,
         access_key: str | None = None,
         secret_key: str | None = None,
-        connect_timeout: float = 5,
-        read_timeout: float = 60,
+        session_token: str | None = None,
+        *,
+        session: boto3.Session | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
         max_attempts: int = 6,
+        multipart_threshold: int = 64 << 20,
+        multipart_chunksize: int = 64 << 20,
+        max_concurrency: int = 4,
     ):
+        if not _BUCKET.match(bucket or ""):
+            raise ConfigError(f"invalid S3 bucket name {bucket!r}: use letters, digits, '.', '-' and '_'")
+        if (access_key is None) != (secret_key is None):
+            raise ConfigError("give both access_key and secret_key, or neither (then the AWS chain is used)")
         self.bucket = bucket
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.prefix = _as_prefix(prefix)
         self.endpoint_url = endpoint_url
-        self.url = f"s3://{bucket}/{self.prefix}" + (f" at {endpoint_url}" if endpoint_url else "")
+        self.read_timeout = read_timeout
+        self.max_attempts = max(1, max_attempts)
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+        )
         config = Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "max_attempts": self.max_attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
         )
-        session = boto3.session.Session(
-            aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name=region or "us-east-1"
-        )
-        self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # The credentials live inside the client only: nothing on ``self`` prints them.
+        self.client = _make_client(session, access_key, secret_key, session_token, region, endpoint_url, config)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint this client talks to, without any user info: safe to log."""
+        return _without_userinfo(self.endpoint_url or self.client.meta.endpoint_url)
 
     def __repr__(self) -> str:
-        return f"S3Store({self.url!r})"
+        return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
 
     def scoped(self, sub: str) -> S3Store:
-        """The same bucket and client under ``prefix/sub/``."""
-        child = object.__new__(S3Store)
-        child.__dict__.update(self.__dict__)
-        child.prefix = self.prefix + sub.strip("/") + "/"
-        child.url = f"s3://{self.bucket}/{child.prefix}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+        """The same bucket and client under ``prefix/sub/`` (``sub`` is validated like a key)."""
+        child = copy.copy(self)
+        child.prefix = self.prefix + check_key(sub.strip("/")) + "/"
         return child
 
     def _k(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _fail(self, err: Exception, action: str, key: str = "") -> StoreError:
-        where = f"{action} {key!r} in {self.url}" if key else f"{action} {self.url}"
-        if isinstance(err, EndpointConnectionError) or "Connect timeout" in str(err):
-            return StoreError(f"cannot reach the S3 endpoint ({where}): start the server or fix endpoint_url")
-        if isinstance(err, ClientError):
-            code = err.response.get("Error", {}).get("Code", "")
-            if code in _CRED_CODES:
-                return StoreError(
-                    f"the S3 credentials were rejected ({code}) while trying to {where}; "
-                    "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the credentials block"
-                )
-            if code == "NoSuchBucket":
-                return StoreError(f"bucket {self.bucket!r} does not exist ({where}); create it or fix the store URL")
-            return StoreError(f"S3 refused to {where}: {code or err}")
-        return StoreError(f"S3 error while trying to {where}: {type(err).__name__}")
+    # ---------------------------------------------------------------------------------------------- errors
 
-    def _missing(self, err: ClientError) -> bool:
-        return err.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404", "NotFound")
+    def _error(self, err: BaseException, doing: str) -> StoreError:
+        """A ``StoreError`` saying what failed and what to do; never quotes credentials."""
+        cause = _underlying(err)
+        where = f"{doing} in {self.url} (endpoint {self.endpoint})"
+        if isinstance(cause, NoCredentialsError | PartialCredentialsError):
+            return StoreCredentialsError(
+                f"no usable S3 credentials to {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an AWS "
+                "profile, or a credentials block (an anonymous server accepts any non-empty pair)"
+            )
+        if isinstance(cause, BotoConnectionError):
+            return StoreUnreachableError(
+                f"cannot reach the S3 endpoint {self.endpoint} to {doing} in {self.url} "
+                f"({type(cause).__name__}, {self.max_attempts} attempts): start the server or fix endpoint_url"
+            )
+        if isinstance(cause, ReadTimeoutError):
+            return StoreUnreachableError(
+                f"the S3 endpoint {self.endpoint} did not answer within {self.read_timeout:g} s to {where}; "
+                "it may be overloaded: retry, or raise read_timeout"
+            )
+        if isinstance(cause, HTTPClientError):
+            return StoreUnreachableError(f"the connection to {self.endpoint} broke while trying to {where}; retry")
+        if isinstance(cause, ClientError):
+            return self._client_error(cause, doing, where)
+        return StoreError(f"S3 client error while trying to {where}: {type(cause).__name__}")
+
+    def _client_error(self, err: ClientError, doing: str, where: str) -> StoreError:
+        code, status = _code(err), _status(err)
+        if code in _REJECTED_CREDENTIALS:
+            return StoreCredentialsError(
+                f"the S3 credentials were rejected ({code}) when trying to {where}; check AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, the AWS profile or the credentials block"
+            )
+        if code in _NOT_ALLOWED:
+            return StoreCredentialsError(
+                f"access denied ({code}) when trying to {where}: the credentials were rejected or may not do this; "
+                f"use credentials allowed to read, write, list and delete in s3://{self.bucket}/{self.prefix}"
+            )
+        if code == "NoSuchBucket":
+            return NoSuchBucketError(
+                f"the S3 bucket {self.bucket!r} does not exist at {self.endpoint} (trying to {doing}); create it "
+                "or fix the store URL"
+            )
+        message = str(err.response.get("Error", {}).get("Message", ""))[:200]
+        return StoreError(f"S3 refused to {where}: {code or 'error'} (HTTP {status}) {message}".rstrip())
+
+    # --------------------------------------------------------------------------------------------- objects
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        full = self._k(key)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
         except (ClientError, BotoCoreError) as err:
-            raise self._fail(err, "write", key) from None
+            raise self._error(err, f"write {key!r}") from None
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as err:
-            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 412 or err.response.get("Error", {}).get("Code") == "PreconditionFailed":
-                return False
-            raise self._fail(err, "create", key) from None
-        except BotoCoreError as err:
-            raise self._fail(err, "create", key) from None
+        """Conditional create (``If-None-Match: *``): False if ``key`` exists.
+
+        A 409 ConditionalRequestConflict (a concurrent write in flight) is retried. If a retried request's
+        first attempt had landed, the retry answers 412 and this returns False although our bytes are there:
+        callers compare what they find (the commit protocol compares sha256).
+        """
+        full = self._k(key)
+        for attempt in range(self.max_attempts):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as err:
+                if _status(err) == 412 or _code(err) == "PreconditionFailed":
+                    return False
+                if not _is_conflict(err) or attempt + 1 == self.max_attempts:
+                    raise self._error(err, f"create {key!r}") from None
+            except BotoCoreError as err:
+                raise self._error(err, f"create {key!r}") from None
+            time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
 
     def get_bytes(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except ClientError as err:
-            if self._missing(err):
-                raise MissingArtefactError(f"{key!r} is not in {self.url}") from None
-            raise self._fail(err, "read", key) from None
-        except BotoCoreError as err:
-            raise self._fail(err, "read", key) from None
+        full = self._k(key)
+        for attempt in range(self.max_attempts):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            except ClientError as err:
+                if _code(err) in _MISSING:
+                    raise MissingArtefactError(f"{key!r} is not in {self.url}") from None
+                raise self._error(err, f"read {key!r}") from None
+            except _STREAM_ERRORS as err:
+                if attempt + 1 == self.max_attempts:
+                    raise self._error(err, f"read {key!r}") from None
+                log.debug("reading %s broke (%s); retrying", key, type(err).__name__)
+            except BotoCoreError as err:
+                raise self._error(err, f"read {key!r}") from None
+            time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
 
     def put_file(self, key: str, path: Path) -> None:
+        """Upload a local file (multipart above ``multipart_threshold``; ETags are not MD5s then: never used)."""
+        path, full = Path(path), self._k(key)
+        if not path.is_file():
+            raise StoreError(f"cannot store {key!r}: the local file {path} does not exist")
         try:
-            self.client.upload_file(str(path), self.bucket, self._k(key), Config=_TRANSFER)
-        except (ClientError, BotoCoreError) as err:
-            raise self._fail(err, "upload", key) from None
+            self.client.upload_file(str(path), self.bucket, full, Config=self.transfer)
+        except (ClientError, BotoCoreError, Boto3Error) as err:
+            raise self._error(err, f"upload {key!r}") from None
         except OSError as err:
-            raise StoreError(f"cannot read {path} to upload it as {key!r}: {err.strerror}") from None
+            raise StoreError(f"cannot read {path} to upload it as {key!r}: {err.strerror or err}") from None
 
     def get_file(self, key: str, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
+        """Download to ``path`` (s3transfer writes a temp file and renames it, so ``path`` is never partial)."""
+        path, full = Path(path), self._k(key)
         try:
-            self.client.download_file(self.bucket, self._k(key), str(tmp), Config=_TRANSFER)
-        except ClientError as err:
-            tmp.unlink(missing_ok=True)
-            if self._missing(err):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(self.bucket, full, str(path), Config=self.transfer)
+        except (ClientError, BotoCoreError, Boto3Error) as err:
+            if isinstance(_underlying(err), ClientError) and _code(_underlying(err)) in _MISSING:
                 raise MissingArtefactError(f"{key!r} is not in {self.url}") from None
-            raise self._fail(err, "download", key) from None
-        except BotoCoreError as err:
-            tmp.unlink(missing_ok=True)
-            raise self._fail(err, "download", key) from None
-        tmp.replace(path)
+            raise self._error(err, f"download {key!r}") from None
+        except OSError as err:
+            raise StoreError(
+                f"cannot save {key!r} from {self.url} to {path}: {err.strerror or err}; free space or fix permissions"
+            ) from None
 
     def _head(self, key: str) -> dict | None:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._k(key))
         except ClientError as err:
-            if self._missing(err):
+            # A HEAD answer has no body, so a missing bucket also reads as 404; check_store tells them apart.
+            if _code(err) in _MISSING:
                 return None
-            raise self._fail(err, "inspect", key) from None
+            raise self._error(err, f"inspect {key!r}") from None
         except BotoCoreError as err:
-            raise self._fail(err, "inspect", key) from None
+            raise self._error(err, f"inspect {key!r}") from None
 
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
@@ -160,48 +286,216 @@ class S3Store:
         return int(head["ContentLength"])
 
     def list(self, prefix: str = "") -> list[str]:
-        out: list[str] = []
+        full = self.prefix + check_prefix(prefix)
+        found: list[str] = []
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix + prefix
-            )
-            for page in pages:
-                out += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                found += [o["Key"][len(self.prefix) :] for o in page.get("Contents", []) if _is_object(o["Key"])]
         except (ClientError, BotoCoreError) as err:
-            raise self._fail(err, "list", prefix) from None
-        return sorted(out)
+            raise self._error(err, f"list {prefix!r}") from None
+        return sorted(found)
 
     def delete(self, key: str) -> None:
+        full = self._k(key)  # validated: a key can never reach outside this store's prefix
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+            self.client.delete_object(Bucket=self.bucket, Key=full)
         except (ClientError, BotoCoreError) as err:
-            raise self._fail(err, "delete", key) from None
+            raise self._error(err, f"delete {key!r}") from None
+
+    # ------------------------------------------------------------------------------------------- bucket
+
+    def check(self) -> None:
+        """One LIST of at most one key: proves the endpoint answers, the credentials work and the bucket exists."""
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, "list") from None
+
+    def create_bucket(self) -> None:
+        """Create the bucket if it does not exist (for embedded and test servers; production buckets are made by
+        whoever owns the account)."""
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            if _code(err) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._error(err, "create the bucket") from None
+        except BotoCoreError as err:
+            raise self._error(err, "create the bucket") from None
 
 
-def open_store(url: str, endpoint_url: str | None = None, **creds) -> Store:
-    """``file:///path`` (or a plain path) -> FileStore; ``s3://bucket/prefix`` -> S3Store."""
+# ----------------------------------------------------------------------------------------------- helpers
+
+_SHARED_SESSION: boto3.Session | None = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _make_client(
+    session: boto3.Session | None,
+    access_key: str | None,
+    secret_key: str | None,
+    session_token: str | None,
+    region: str | None,
+    endpoint_url: str | None,
+    config: Config,
+) -> Any:
+    """An S3 client. With explicit keys it comes from one shared session (a new session costs ~0.1 s to load
+    the service model); without, from a fresh session, so the AWS chain is read now, not when first cached."""
+    global _SHARED_SESSION
+    if session is None and access_key is None:
+        session = boto3.session.Session(region_name=region)
+    if session is not None:
+        return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+    with _SESSION_LOCK:  # sessions are not thread-safe; the clients they make are
+        _SHARED_SESSION = _SHARED_SESSION or boto3.session.Session()
+        return _SHARED_SESSION.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=config,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            aws_session_token=session_token,
+        )
+
+
+def _as_prefix(prefix: str) -> str:
+    """'' or 'a/b/' (validated like a key, one trailing slash)."""
+    stripped = (prefix or "").strip("/")
+    return check_key(stripped) + "/" if stripped else ""
+
+
+def _code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _status(err: ClientError) -> int | None:
+    return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _is_conflict(err: ClientError) -> bool:
+    return _status(err) == 409 or _code(err) == "ConditionalRequestConflict"
+
+
+def _is_object(full_key: str) -> bool:
+    """Folder markers ('a/') some servers list are not objects; neither are temp names."""
+    return not full_key.endswith("/") and not full_key.rpartition("/")[2].startswith(TEMP_PREFIX)
+
+
+def _backoff(attempt: int) -> float:
+    """Full-jitter exponential backoff, capped at 5 s (AWS's recommendation for retries)."""
+    return random.uniform(0, min(5.0, 0.1 * 2**attempt))
+
+
+def _underlying(err: BaseException) -> BaseException:
+    """The botocore error behind boto3's transfer wrappers (S3UploadFailedError, RetriesExceededError)."""
+    if isinstance(err, RetriesExceededError) and err.last_exception is not None:
+        return _underlying(err.last_exception)
+    if isinstance(err, S3UploadFailedError | Boto3Error):
+        inner = err.__cause__ or err.__context__
+        if isinstance(inner, ClientError | BotoCoreError | Boto3Error):
+            return _underlying(inner)
+    return err
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+
+
+# ---------------------------------------------------------------------------------------------- factories
+
+
+def open_store(url: str, endpoint_url: str | None = None, **options: Any) -> Store:
+    """The store a URL names.
+
+    Args:
+        url: ``file:///PATH`` or a plain path -> ``FileStore``; ``s3://BUCKET/PREFIX`` -> ``S3Store``.
+        endpoint_url: the S3 endpoint (ignored for file stores).
+        **options: ``S3Store`` keyword arguments (credentials, region, timeouts, transfer sizes).
+
+    Raises:
+        ConfigError: the URL is empty, malformed or has another scheme.
+    """
+    if not url or not url.strip():
+        raise ConfigError(f"the store URL is empty; use {SCHEMES}")
     if url.startswith("s3://"):
-        bucket, _, prefix = url[len("s3://") :].partition("/")
-        if not bucket:
-            raise StoreError(f"store URL {url!r} names no bucket; use s3://BUCKET/PREFIX")
-        return S3Store(bucket, prefix, endpoint_url=endpoint_url, **creds)
-    if url.startswith("file://"):
-        return FileStore(url[len("file://") :])
-    if "://" in url:
-        raise StoreError(f"store URL {url!r} has an unsupported scheme; use file:///PATH or s3://BUCKET/PREFIX")
+        return _open_s3(url, endpoint_url, options)
+    if url.startswith("file:"):
+        return FileStore(_file_url_path(url))
+    if _URL_SCHEME.match(url):
+        raise ConfigError(f"store URL {url!r} has an unsupported scheme; use {SCHEMES}")
     return FileStore(url)
 
 
-def run_store(base_url: str, run_id: str, endpoint_url: str | None = None, **creds) -> Store:
-    """The store scoped to one run: ``<base>/runs/<run_id>/``; nothing a run does can leave that prefix."""
-    if not _RUN_ID.match(run_id):
-        raise StoreError(f"run id {run_id!r} must be letters, digits, '-', '_' or '.', and not start with them")
-    base = open_store(base_url, endpoint_url, **creds)
+def _open_s3(url: str, endpoint_url: str | None, options: dict[str, Any]) -> S3Store:
+    parts = urlsplit(url)
+    if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"store URL {url!r} is not s3://BUCKET/PREFIX (no credentials, query or fragment in it)")
+    try:
+        return S3Store(parts.netloc, unquote(parts.path), endpoint_url=endpoint_url, **options)
+    except StoreError as err:  # an invalid prefix
+        raise ConfigError(f"store URL {url!r}: {err}") from None
+
+
+def _file_url_path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
+        raise ConfigError(f"store URL {url!r} is not file:///ABSOLUTE/PATH (a plain path works too)")
+    return unquote(parts.path)
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it can name a run's folder; raise ``ConfigError`` otherwise."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise ConfigError(
+            f"invalid run id {run_id!r}: use 1-128 letters, digits, '-', '_' or '.', starting with a letter or "
+            "digit (no '/')"
+        )
+    return run_id
+
+
+def run_store(base_url: str, run_id: str, endpoint_url: str | None = None, **options: Any) -> Store:
+    """The store scoped to one run, ``<base>/runs/<run_id>/``: nothing a run does can leave that prefix."""
+    sub = keys.run_prefix(check_run_id(run_id))
+    base = open_store(base_url, endpoint_url, **options)
     if isinstance(base, S3Store):
-        return base.scoped(f"runs/{run_id}")
-    return FileStore(base.root / "runs" / run_id)
+        return base.scoped(sub)
+    assert isinstance(base, FileStore)
+    return FileStore(base.root / sub)
 
 
-def check_store(store: Store) -> None:
-    """A cheap probe (list one key) that fails early with a clear message when the store is unusable."""
-    store.list("run.json")
+def check_store(store: Store, *, write_probe: bool = True) -> None:
+    """A cheap probe before a run starts: fail early, with a clear message, if the store is unusable.
+
+    Checks that the endpoint answers, the credentials work and the bucket or folder exists (one LIST). With
+    ``write_probe`` it also creates a probe key twice and deletes it: the second create must be refused, or the
+    server ignores conditional writes and the commit protocol could not tell two writers apart.
+
+    Raises:
+        StoreError (StoreUnreachableError, StoreCredentialsError, NoSuchBucketError): the store is unusable.
+    """
+    check = getattr(store, "check", None)
+    if callable(check):
+        check()
+    else:
+        store.list(keys.RUN_CONFIG)
+    if write_probe:
+        _probe_conditional_create(store)
+
+
+def _probe_conditional_create(store: Store) -> None:
+    key = keys.probe_key(uuid.uuid4().hex)
+    if not store.put_if_absent(key, b"{}"):
+        raise StoreError(f"{store.url} refused to create the fresh probe key {key!r}; is the store read-only?")
+    try:
+        ignored = store.put_if_absent(key, b"{}")
+    finally:
+        store.delete(key)
+    if ignored:
+        raise StoreError(
+            f"{store.url} ignores conditional writes (PutObject with If-None-Match: *), which tyr's commits need; "
+            "use a server that honours them (AWS S3, SeaweedFS, MinIO, Ceph)"
+        )

@@ -1,7 +1,8 @@
 """End to end on real parts (loopback only): a real ``prefect server``, ``prefect deploy --all`` from
 deployments/prefect.yaml, a process worker, and the tiny preset. The worker is killed during the supernet build
 and again during the search; the first run is retried by pressing Retry in the real UI served by that server
-(headless Debian Chromium driven by Playwright), the second is resumed by a new flow run with the same run id. Both finish with the uninterrupted run's result, nothing
+(headless Debian Chromium driven by Playwright); the second is resumed by a new flow run with the same
+run id. Both finish with the uninterrupted run's result, nothing
 committed is recomputed, and GC leaves only the last iteration's supernet."""
 
 from __future__ import annotations

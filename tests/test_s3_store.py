@@ -1,121 +1,528 @@
-"""The S3 store against real S3 servers on loopback: moto's server (fast) and SeaweedFS (slow, the embedded
-default). Conditional creates, verified commits, fault injection, and clear errors without credentials."""
+"""The S3 store against moto (in-process server, fast) and a real SeaweedFS (``slow``): the Store contract,
+conditional creates, the commit protocol under injected faults, error messages that say what to do, URL
+parsing, and credentials that never show up in messages, logs, ``repr`` or ``url``."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import re
 import socket
+import time
+import traceback
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import boto3
 import pytest
-from botocore.exceptions import EndpointConnectionError
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ResponseStreamingError
+from botocore.httpsession import URLLib3Session
+from botocore.retries.standard import ExponentialBackoff
+from moto.server import ThreadedMotoServer
 
-from tasks.storage import S3Store, open_store, run_store
-from tyr_core.errors import CorruptArtefactError, StoreError
-from tyr_core.store import commit_bytes, fetch_verified, read_verified
+from tasks.seaweed import EmbeddedSeaweed
+from tasks.storage import S3Store, check_store, open_store, run_store
+from tyr_core import artifacts as keys
+from tyr_core.errors import (
+    ArtefactError,
+    ConfigError,
+    CorruptArtefactError,
+    InvalidKeyError,
+    MissingArtefactError,
+    NoSuchBucketError,
+    StoreCredentialsError,
+    StoreError,
+    StoreUnreachableError,
+)
+from tyr_core.store import (
+    FileStore,
+    collect_garbage,
+    commit_bytes,
+    commit_file,
+    fetch_verified,
+    is_committed,
+    read_verified,
+)
 
-SECRET = "s3cr3t-never-logged"
+ACCESS = "AKIATYRTESTACCESS001"
+SECRET = "tyr-test-SECRET-must-never-leak-0123456789"
+PART = 5 << 20  # S3's smallest multipart part
 
 
-def _port() -> int:
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def make_store(endpoint: str, bucket: str, prefix: str = "base/run", **options) -> S3Store:
+    defaults = dict(
+        endpoint_url=endpoint,
+        access_key=ACCESS,
+        secret_key=SECRET,
+        region="us-east-1",
+        max_attempts=5,
+        connect_timeout=2,
+        read_timeout=30,
+        multipart_threshold=PART,
+        multipart_chunksize=PART,
+    )
+    return S3Store(bucket, prefix, **{**defaults, **options})
+
+
+@pytest.fixture
+def s3(moto_endpoint) -> S3Store:
+    store = make_store(moto_endpoint, f"tyr-{uuid.uuid4().hex[:12]}")
+    store.create_bucket()
+    return store
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """botocore waits up to seconds between attempts; the retry logic, not the waiting, is under test."""
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.002)
+
+
+def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    S3Store("tyr", endpoint_url=endpoint, access_key="AKIDTEST", secret_key=SECRET).client.create_bucket(Bucket="tyr")
-    yield endpoint
-    server.stop()
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET not in text
 
 
-def _store(endpoint, run="r1", **kw):
-    return run_store("s3://tyr/base", run, endpoint_url=endpoint, access_key="AKIDTEST", secret_key=SECRET, **kw)
+def full_text(err: BaseException) -> str:
+    return "".join(traceback.format_exception(err))
 
 
-def test_commit_read_conditional_create_and_prefix(moto_endpoint, tmp_path):
-    store = _store(moto_endpoint)
-    commit_bytes(store, "iter-1/plan.json", b"{}", "h")
-    assert read_verified(store, "iter-1/plan.json") == b"{}"
-    assert not store.put_if_absent("iter-1/plan.json", b"other")
-    assert store.list("iter-1/") == ["iter-1/plan.json", "iter-1/plan.json.manifest.json"]
-    assert store.url == "s3://tyr/base/runs/r1/ at " + moto_endpoint and SECRET not in repr(store)
+# ----------------------------------------------------------------------------------------- shared checks
+
+
+def check_store_contract(store: S3Store, tmp_path: Path) -> None:
+    store.put_bytes("a/b.bin", b"12345")
+    assert store.get_bytes("a/b.bin") == b"12345" and store.exists("a/b.bin") and store.size("a/b.bin") == 5
+    assert not store.exists("a/missing") and not store.exists("a")
+    with pytest.raises(MissingArtefactError, match="'a/missing' is not in s3://"):
+        store.get_bytes("a/missing")
+    with pytest.raises(MissingArtefactError):
+        store.size("a/missing")
+    with pytest.raises(MissingArtefactError):
+        store.get_file("a/missing", tmp_path / "missing")
+    assert store.put_if_absent("a/once.json", b"first") and not store.put_if_absent("a/once.json", b"second")
+    assert store.get_bytes("a/once.json") == b"first"
+    store.put_bytes("a10/c.bin", b"c")
+    assert store.list("a/") == ["a/b.bin", "a/once.json"] and store.list("a") == ["a/b.bin", "a/once.json", "a10/c.bin"]
+    assert store.list("nothing/") == []
+    store.delete("a10/c.bin")
+    store.delete("a10/c.bin")  # idempotent
+    assert store.list("a1") == []
     big = tmp_path / "big.bin"
-    big.write_bytes(random.randbytes(3 << 20))
-    from tyr_core.store import commit_file
-
-    commit_file(store, "final/model.safetensors", big, "h")
-    assert fetch_verified(store, "final/model.safetensors", tmp_path / "dl").read_bytes() == big.read_bytes()
-
-
-def test_corrupted_object_is_detected(moto_endpoint):
-    store = _store(moto_endpoint, "r2")
-    commit_bytes(store, "x.bin", b"payload", "h")
-    store.put_bytes("x.bin", b"tampered")
-    with pytest.raises(CorruptArtefactError, match="x.bin"):
-        read_verified(store, "x.bin")
+    big.write_bytes(os.urandom(2 * PART + 123))  # multipart: three parts
+    store.put_file("files/big.bin", big)
+    store.get_file("files/big.bin", tmp_path / "dl" / "big.bin")
+    assert (tmp_path / "dl" / "big.bin").read_bytes() == big.read_bytes() and store.size(
+        "files/big.bin"
+    ) == 2 * PART + 123
 
 
-def test_injected_transient_faults_are_retried(moto_endpoint):
-    store = _store(moto_endpoint, "r3", max_attempts=10)
-    rng = random.Random(0)
-    failures = []
+def check_commit_protocol(store: S3Store, tmp_path: Path) -> None:
+    m = commit_bytes(store, "iter-1/plan.json", b'{"a": 1}', "cfg", meta={"why": "test"})
+    assert read_verified(store, "iter-1/plan.json") == b'{"a": 1}' and is_committed(store, "iter-1/plan.json")
+    assert commit_bytes(store, "iter-1/plan.json", b'{"a": 1}', "cfg") == m
+    with pytest.raises(ArtefactError, match="already committed with other bytes"):
+        commit_bytes(store, "iter-1/plan.json", b'{"a": 2}', "cfg")
+    src = tmp_path / "copy.safetensors"
+    src.write_bytes(os.urandom(PART + 77))
+    key = keys.copy_key(1, 0, "mlp", 0)
+    commit_file(store, key, src, "cfg")
+    assert fetch_verified(store, key, tmp_path / "cache" / "copy").read_bytes() == src.read_bytes()
+    store.put_bytes(key, b"bit rot")  # the object changes behind its manifest
+    with pytest.raises(CorruptArtefactError, match=re.escape(f"'{key}'") + ".*corrupt"):
+        read_verified(store, key)
+    with pytest.raises(CorruptArtefactError):
+        fetch_verified(store, key, tmp_path / "cache" / "fresh")
+    assert not (tmp_path / "cache" / "fresh").exists()
+    commit_bytes(store, keys.result_key(2), b"{}", "cfg")
+    assert collect_garbage(store, 2).keys_deleted == 2  # the copy and its manifest
+    assert not store.list("iter-1/supernet/") and read_verified(store, "iter-1/plan.json")
 
-    def flaky(request, **_):
-        if rng.random() < 0.3:
-            failures.append(request.url)
+
+class _Body:
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def stream(self, **_):
+        yield self.body
+
+
+class FaultInjector:
+    """A ``before-send`` hook that fails a fraction of requests: refused connections, 500s, 503 SlowDowns, and
+    'lost responses' (the server does the work, the client sees a dropped connection and retries).
+
+    Only a request's first two attempts are ever failed, so with ``max_attempts >= 3`` every request can
+    succeed whatever the thread interleaving; lost responses are only made for single-shot operations.
+    """
+
+    LOSABLE = {"PutObject", "GetObject", "HeadObject", "DeleteObject", "ListObjectsV2"}
+
+    def __init__(self, rate: float, seed: int = 0):
+        self.rng, self.rate, self.counts = random.Random(seed), rate, Counter()
+        self.http = URLLib3Session(timeout=30)
+
+    def __call__(self, request, event_name: str, **_):
+        operation = event_name.rsplit(".", 1)[-1]
+        if _attempt(request) > 2 or self.rng.random() >= self.rate:
+            return None
+        kind = self.rng.choice(["refused", "500", "503"] + (["lost"] if operation in self.LOSABLE else []))
+        self.counts[kind] += 1
+        if kind == "refused":
             raise EndpointConnectionError(endpoint_url=request.url)
+        if kind == "lost":
+            _ = self.http.send(request).content
+            raise ConnectionClosedError(endpoint_url=request.url)
+        code = "InternalError" if kind == "500" else "SlowDown"
+        body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+        return AWSResponse(request.url, int(kind), {}, _Body(body))
 
-    store.client.meta.events.register("before-send.s3", flaky)
-    for i in range(20):
-        commit_bytes(store, f"copies/{i}.bin", bytes([i]) * 1000, "h")
-    store.client.meta.events.unregister("before-send.s3", flaky)
-    assert failures  # faults did happen
-    assert all(read_verified(store, f"copies/{i}.bin") == bytes([i]) * 1000 for i in range(20))
+
+def _attempt(request) -> int:
+    header = request.headers.get("amz-sdk-request", b"attempt=1")
+    text = header.decode() if isinstance(header, bytes) else header
+    return int(text.split(";")[0].split("=")[1])
 
 
-def test_clear_errors_never_show_credentials(moto_endpoint, caplog):
+def check_commits_survive_faults(store: S3Store, tmp_path: Path) -> Counter:
+    faults = FaultInjector(rate=0.3, seed=7)
+    store.client.meta.events.register_first("before-send.s3", faults)
+    payloads = {f"iter-1/stats/layer-{i}.safetensors": os.urandom(2000) + bytes([i]) for i in range(30)}
+    for key, data in payloads.items():
+        commit_bytes(store, key, data, "cfg")
+    files = []
+    for i in range(2):
+        path = tmp_path / f"copy-{i}.bin"
+        path.write_bytes(os.urandom(PART + 1000 * i))
+        files.append((keys.copy_key(1, i, "attn", 0), path))
+        commit_file(store, files[-1][0], path, "cfg")
+    for key, data in payloads.items():  # every commit happened exactly once, and reads back verified
+        assert read_verified(store, key) == data
+    for key, path in files:
+        assert fetch_verified(store, key, tmp_path / "dl" / key).read_bytes() == path.read_bytes()
+    store.client.meta.events.unregister("before-send.s3", faults)
+    assert all(faults.counts[k] > 0 for k in ("refused", "500", "503", "lost")), faults.counts
+    return faults.counts
+
+
+# ---------------------------------------------------------------------------------------------- moto tests
+
+
+def test_store_contract_on_moto(s3, tmp_path):
+    check_store_contract(s3, tmp_path)
+
+
+def test_commit_protocol_on_moto(s3, tmp_path):
+    check_commit_protocol(s3, tmp_path)
+
+
+def test_commits_complete_and_verify_under_injected_faults(s3, tmp_path, fast_retries):
+    check_commits_survive_faults(s3, tmp_path)
+
+
+def test_keys_and_deletes_are_confined_to_the_prefix(s3):
+    neighbour = S3Store(s3.bucket, "base/other", endpoint_url=s3.endpoint_url, access_key=ACCESS, secret_key=SECRET)
+    neighbour.put_bytes("x.bin", b"not yours")
+    s3.put_bytes("mine.bin", b"mine")
+    assert s3.list("") == ["mine.bin"] and neighbour.list("") == ["x.bin"]
+    for key in ("../other/x.bin", "/base/other/x.bin", "a/../../other/x.bin", "..\\other\\x.bin", ""):
+        with pytest.raises(InvalidKeyError):
+            s3.delete(key)
+        with pytest.raises(InvalidKeyError):
+            s3.put_bytes(key, b"overwrite")
+    with pytest.raises(InvalidKeyError):
+        s3.list("../")
+    assert neighbour.get_bytes("x.bin") == b"not yours"
+
+
+def test_a_conditional_create_conflict_409_is_retried(s3, fast_retries):
+    conflicts = []
+
+    def conflict_once(request, **_):
+        if request.headers.get("If-None-Match") and not conflicts:
+            conflicts.append(request.url)
+            body = b"<Error><Code>ConditionalRequestConflict</Code><Message>in flight</Message></Error>"
+            return AWSResponse(request.url, 409, {}, _Body(body))
+        return None
+
+    s3.client.meta.events.register_first("before-send.s3.PutObject", conflict_once)
+    assert s3.put_if_absent("lock.json", b"me") and conflicts and s3.get_bytes("lock.json") == b"me"
+    assert not s3.put_if_absent("lock.json", b"someone else")
+
+
+def test_a_persistent_409_gives_up_with_a_store_error(s3, fast_retries):
+    def always_conflict(request, **_):
+        body = b"<Error><Code>ConditionalRequestConflict</Code><Message>in flight</Message></Error>"
+        return AWSResponse(request.url, 409, {}, _Body(body))
+
+    s3.client.meta.events.register_first("before-send.s3.PutObject", always_conflict)
+    with pytest.raises(StoreError, match="ConditionalRequestConflict"):
+        s3.put_if_absent("lock.json", b"me")
+
+
+def test_a_body_that_breaks_mid_stream_is_read_again(s3):
+    s3.put_bytes("k.bin", b"payload")
+    broken = []
+
+    def break_first_body(parsed, **_):
+        if not broken:
+            broken.append(True)
+
+            class Broken:
+                def read(self, *a):
+                    raise ResponseStreamingError(error="injected")
+
+            parsed["Body"] = Broken()
+
+    s3.client.meta.events.register("after-call.s3.GetObject", break_first_body)
+    assert s3.get_bytes("k.bin") == b"payload" and broken
+
+
+def test_an_unreachable_endpoint_says_to_start_the_server(caplog, fast_retries):
+    port = closed_port()
+    store = make_store(f"http://127.0.0.1:{port}", "tyr", connect_timeout=0.5, max_attempts=2)
     caplog.set_level(logging.DEBUG)
-    missing = S3Store("no-such-bucket", endpoint_url=moto_endpoint, access_key="AKIDTEST", secret_key=SECRET)
-    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist") as err:
-        missing.put_bytes("k", b"x")
-    assert SECRET not in str(err.value)
-    closed = S3Store(
-        "tyr",
-        endpoint_url=f"http://127.0.0.1:{_port()}",
-        access_key="AKIDTEST",
-        secret_key=SECRET,
-        connect_timeout=0.5,
-        max_attempts=1,
+    started = time.monotonic()
+    for op in (
+        lambda: store.put_bytes("k", b"x"),
+        lambda: check_store(store),
+        lambda: commit_bytes(store, "k", b"x", "c"),
+    ):
+        with pytest.raises(StoreUnreachableError, match=f"127.0.0.1:{port}.*start the server or fix endpoint_url") as e:
+            op()
+        assert_no_secret(full_text(e.value))
+    assert time.monotonic() - started < 10
+    assert_no_secret(caplog.text)
+
+
+def test_a_missing_bucket_is_named(moto_endpoint, tmp_path):
+    store = make_store(moto_endpoint, "tyr-no-such-bucket")
+    for op in (
+        lambda: store.put_bytes("k", b"x"),
+        lambda: store.get_bytes("k"),
+        lambda: store.list(""),
+        lambda: check_store(store),
+    ):
+        with pytest.raises(NoSuchBucketError, match="bucket 'tyr-no-such-bucket' does not exist.*create it"):
+            op()
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 100)
+    with pytest.raises(NoSuchBucketError):
+        store.put_file("f.bin", src)
+
+
+@contextmanager
+def moto_authentication(endpoint: str) -> Iterator[None]:
+    """moto checks signatures and IAM policies only when told to (its /moto-api/reset-auth switch)."""
+
+    def switch(count: bytes) -> None:
+        request = urllib.request.Request(
+            f"{endpoint}/moto-api/reset-auth", data=count, method="POST", headers={"Content-Type": "text/plain"}
+        )
+        urllib.request.urlopen(request).close()
+
+    switch(b"0")
+    try:
+        yield
+    finally:
+        switch(b"inf")
+
+
+def test_rejected_credentials_are_reported_without_leaking_them(s3, moto_endpoint, caplog):
+    iam = boto3.client(
+        "iam", endpoint_url=moto_endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
     )
-    with pytest.raises(StoreError, match="cannot reach the S3 endpoint") as err:
-        closed.get_bytes("k")
-    assert SECRET not in str(err.value)
-    assert all(SECRET not in r.getMessage() for r in caplog.records)
-    with pytest.raises(StoreError, match="unsupported scheme"):
-        open_store("ftp://host/x")
-    with pytest.raises(StoreError, match="run id"):
-        run_store("s3://tyr", "../escape", endpoint_url=moto_endpoint)
+    user = f"u{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    real = iam.create_access_key(UserName=user)["AccessKey"]
+    caplog.set_level(logging.DEBUG)
+    cases = [
+        (ACCESS, SECRET, "rejected \\(InvalidAccessKeyId\\)"),
+        (real["AccessKeyId"], SECRET, "rejected \\(SignatureDoesNotMatch\\)"),
+        (real["AccessKeyId"], real["SecretAccessKey"], "access denied \\(AccessDenied\\)"),  # no policy attached
+    ]
+    with moto_authentication(moto_endpoint):
+        for access, secret, expected in cases:
+            store = make_store(moto_endpoint, s3.bucket, access_key=access, secret_key=secret, max_attempts=1)
+            with pytest.raises(StoreCredentialsError, match=expected) as info:
+                store.put_bytes("k", b"x")
+            with pytest.raises(StoreCredentialsError):
+                check_store(store)
+            text = full_text(info.value) + repr(store) + store.url
+            assert secret not in text and access not in str(info.value)
+    assert SECRET not in caplog.text and real["SecretAccessKey"] not in caplog.text
+
+
+def test_missing_credentials_say_where_to_put_them(moto_endpoint, monkeypatch, tmp_path):
+    for var in [v for v in os.environ if v.startswith("AWS_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups
+    store = S3Store("tyr", "p", endpoint_url=moto_endpoint, region="us-east-1", max_attempts=1)
+    with pytest.raises(StoreCredentialsError, match="no usable S3 credentials.*AWS_ACCESS_KEY_ID"):
+        store.get_bytes("k")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)  # the standard chain, read when the store is made
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    chained = run_store("s3://tyr-chain/base", "r1", moto_endpoint, region="us-east-1")
+    chained.create_bucket()
+    commit_bytes(chained, "a.json", b"{}", "cfg")
+    assert read_verified(chained, "a.json") == b"{}"
+
+
+def test_secrets_never_appear_in_repr_url_or_logs(s3, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    check_commit_protocol(s3, tmp_path)
+    assert_no_secret(repr(s3), s3.url, caplog.text, str(vars(s3).get("prefix")))
+    assert ACCESS not in repr(s3) + s3.url
+    hidden = S3Store("tyr", endpoint_url="http://user:pw-SECRET@127.0.0.1:9", access_key="a", secret_key="b")
+    assert "pw-SECRET" not in repr(hidden) + hidden.url + hidden.endpoint
+
+
+def test_check_store_passes_and_cleans_up(s3):
+    check_store(s3)
+    assert s3.list("") == []
+
+
+def test_check_store_refuses_a_server_that_ignores_conditional_writes(s3):
+    def drop_condition(params, **_):
+        params.pop("IfNoneMatch", None)
+
+    s3.client.meta.events.register("before-parameter-build.s3.PutObject", drop_condition)
+    with pytest.raises(StoreError, match="ignores conditional writes"):
+        check_store(s3)
+    assert s3.list("") == []  # the probe key was removed
+
+
+def test_open_store_by_url(moto_endpoint, tmp_path):
+    store = open_store("s3://tyr-bucket/some/prefix/", moto_endpoint, access_key=ACCESS, secret_key=SECRET)
+    assert isinstance(store, S3Store) and store.bucket == "tyr-bucket" and store.url == "s3://tyr-bucket/some/prefix/"
+    assert open_store("s3://tyr-bucket", moto_endpoint, access_key=ACCESS, secret_key=SECRET).url == "s3://tyr-bucket/"
+    assert open_store(tmp_path.as_uri()).root == tmp_path.resolve()
+    assert open_store(str(tmp_path / "plain")).root == (tmp_path / "plain").resolve()
+    assert open_store(f"file://{tmp_path}/with%20space").root == (tmp_path / "with space").resolve()
+    for url in ("http://host/x", "gs://bucket/x", "ftp://x"):
+        with pytest.raises(ConfigError, match=f"{url}.*unsupported scheme.*s3://BUCKET/PREFIX"):
+            open_store(url)
+    for url in ("", "file://host/x", "file:relative", "s3://", "s3://b/x?y=1", "s3://u:p@bkt/x", "s3://bkt/a/../b"):
+        with pytest.raises(ConfigError):
+            open_store(url)
+
+
+def test_run_store_scopes_to_the_run(moto_endpoint, tmp_path):
+    s3 = run_store("s3://tyr-bucket/base", "run-1_a.b", moto_endpoint, access_key=ACCESS, secret_key=SECRET)
+    assert s3.url == "s3://tyr-bucket/base/runs/run-1_a.b/"
+    local = run_store(str(tmp_path), "r1")
+    assert isinstance(local, FileStore) and local.root == (tmp_path / "runs" / "r1").resolve()
+    for bad in ("", "a/b", "..", ".hidden", "a b", "x" * 129, "-lead"):
+        with pytest.raises(ConfigError, match="invalid run id"):
+            run_store(str(tmp_path), bad)
+
+
+# -------------------------------------------------------------------------------------- SeaweedFS (slow)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> Iterator[EmbeddedSeaweed]:
+    with EmbeddedSeaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture
+def weed_store(seaweed) -> S3Store:
+    return seaweed.open_store(
+        f"tests/{uuid.uuid4().hex[:12]}", multipart_threshold=PART, multipart_chunksize=PART, max_attempts=5
+    )
 
 
 @pytest.mark.slow
-def test_seaweedfs_conditional_writes_and_verified_commits(tmp_path, monkeypatch):
-    from tasks.seaweed import EmbeddedSeaweed
+def test_seaweed_conditional_write_returns_false_on_an_existing_key(weed_store):
+    assert weed_store.put_if_absent("m.json", b"first")
+    assert not weed_store.put_if_absent("m.json", b"second")
+    assert weed_store.get_bytes("m.json") == b"first"
+    check_store(weed_store)
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "any")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "any")
-    with EmbeddedSeaweed(tmp_path / "weed") as s3:
-        store = run_store(s3.store_url, "r", endpoint_url=s3.endpoint_url)
-        commit_bytes(store, "a.json", b"[1]", "h")
-        assert not store.put_if_absent("a.json", b"[2]")
-        assert read_verified(store, "a.json") == b"[1]"
-        store.put_bytes("a.json", b"[3]")
-        with pytest.raises(CorruptArtefactError):
-            read_verified(store, "a.json")
+
+@pytest.mark.slow
+def test_seaweed_store_contract(weed_store, tmp_path):
+    check_store_contract(weed_store, tmp_path)
+
+
+@pytest.mark.slow
+def test_seaweed_commit_round_trip_and_corruption(weed_store, tmp_path):
+    check_commit_protocol(weed_store, tmp_path)
+
+
+@pytest.mark.slow
+def test_seaweed_commits_survive_injected_faults(weed_store, tmp_path, fast_retries):
+    check_commits_survive_faults(weed_store, tmp_path)
+
+
+@pytest.mark.slow
+def test_seaweed_with_credentials_rejects_wrong_ones(tmp_path, caplog):
+    with EmbeddedSeaweed(tmp_path / "weed", access_key=ACCESS, secret_key=SECRET) as server:
+        good = server.open_store("p")
+        check_store(good)
+        caplog.set_level(logging.DEBUG)
+        wrong = "wrong-" + SECRET[::-1]
+        for access, secret, code in ((ACCESS, wrong, "SignatureDoesNotMatch"), ("nobody", wrong, "InvalidAccessKeyId")):
+            bad = S3Store(server.bucket, "p", endpoint_url=server.endpoint_url, access_key=access, secret_key=secret)
+            with pytest.raises(StoreCredentialsError, match=code) as info:
+                bad.put_bytes("k", b"x")
+            assert secret not in full_text(info.value)
+        assert_no_secret(caplog.text)
+
+
+@pytest.mark.slow
+def test_embedded_seaweed_lifecycle(tmp_path):
+    data = tmp_path / "weed"
+    server = EmbeddedSeaweed(data).start()
+    pid, sockets = server.proc.pid, server._sockets
+    commit_bytes(server.open_store("r"), "x.json", b"{}", "cfg")
+    with pytest.raises(StoreError, match="already uses"):
+        EmbeddedSeaweed(data).start()  # one server per data folder
+    server.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole process group is gone: no orphans
+    assert not sockets.exists() and not list(Path("/tmp").glob(f"seaweedfs-s3-{server.ports['s3.port']}.sock"))
+    assert not list(Path("/tmp").glob(f"weed.*.{pid}"))  # its glog files went to the data folder
+    with EmbeddedSeaweed(data) as again:  # data persists across restarts
+        assert read_verified(again.open_store("r"), "x.json") == b"{}"
+        saved = json.loads((data / "tyr-ports.json").read_text())
+        assert saved["s3.port"] == again.ports["s3.port"]
+
+
+@pytest.mark.slow
+def test_embedded_seaweed_failing_to_start_shows_its_log(tmp_path):
+    with socket.socket() as taken:  # bound, not listening: weed cannot have the port, and nothing answers there
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        server = EmbeddedSeaweed(tmp_path / "weed", port=port, startup_timeout=30)
+        with pytest.raises(StoreError, match=f"SeaweedFS exited with status .* at http://127.0.0.1:{port}") as info:
+            server.start()
+    assert f"port {port}" in str(info.value).split("ends with:")[1]  # the tail of its own log says why
+    assert server.proc is None and server._lock is None

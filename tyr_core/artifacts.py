@@ -93,3 +93,20 @@ def stats_prefix(iteration: int) -> str:
 
 def supernet_prefix(iteration: int) -> str:
     return f"iter-{iteration}/supernet/"
+
+
+def probe_key(token: str) -> str:
+    """A short-lived key the store check writes and deletes to prove conditional creates work."""
+    return f"probes/{token}.json"
+
+
+def manifest_target(key: str) -> str:
+    """The artefact key a manifest key commits (the inverse of ``manifest_key``)."""
+    if not is_manifest(key):
+        raise ValueError(f"{key!r} is not a manifest key (it does not end with {MANIFEST_SUFFIX!r})")
+    return key[: -len(MANIFEST_SUFFIX)]
+
+
+def run_prefix(run_id: str) -> str:
+    """Prefix of one run's keys under a store's base URL; every key above is relative to it."""
+    return f"runs/{run_id}/"

@@ -56,3 +56,19 @@ class ExportError(TyrError):
 
 class RunLockedError(TyrError):
     """Another live process is driving this run id."""
+
+
+class InvalidKeyError(StoreError, ValueError):
+    """An artefact key could address something outside the store's root or prefix."""
+
+
+class StoreUnreachableError(StoreError):
+    """The store's endpoint did not answer (server down, wrong endpoint URL, network)."""
+
+
+class StoreCredentialsError(StoreError):
+    """The store rejected the credentials, or they are not allowed to do what was asked."""
+
+
+class NoSuchBucketError(StoreError):
+    """The S3 bucket named in the store URL does not exist."""
