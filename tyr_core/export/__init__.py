@@ -1,27 +1,30 @@
 """Exports of a pruned layout: compact (per-layer shapes), masked dense, vLLM Nemotron-NAS, and the sparsity report.
 
-Importing this package registers ``tyr_llama`` with transformers' Auto classes, so an exported compact model loads
-with ``AutoModelForCausalLM.from_pretrained(dir)`` where tyr is installed (``trust_remote_code=True`` elsewhere).
+Importing this package registers ``tyr_llama`` with transformers' Auto classes, so a compact export loads with
+``AutoModelForCausalLM.from_pretrained(dir)`` where tyr is imported (``trust_remote_code=True`` elsewhere).
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .compact import build_compact_model, compact_config, compact_state_dict, save_compact
+from .compact import atomic_write, build_compact_model, check_layout, compact_config, compact_state_dict, save_compact
 from .configuration_tyr import TyrConfig
 from .masked import masked_model, save_masked
 from .modeling_tyr import TyrForCausalLM
-from .nemotron import nemotron_config, save_nemotron, validate_nemotron
+from .nemotron import ffn_mult_width, nemotron_config, save_nemotron, validate_nemotron
 from .plot import sparsity_distribution, write_sparsity_report
 
-AutoConfig.register("tyr_llama", TyrConfig, exist_ok=True)
+AutoConfig.register(TyrConfig.model_type, TyrConfig, exist_ok=True)
 AutoModelForCausalLM.register(TyrConfig, TyrForCausalLM, exist_ok=True)
 
 __all__ = [
     "TyrConfig",
     "TyrForCausalLM",
+    "atomic_write",
     "build_compact_model",
+    "check_layout",
     "compact_config",
     "compact_state_dict",
+    "ffn_mult_width",
     "masked_model",
     "nemotron_config",
     "save_compact",

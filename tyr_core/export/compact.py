@@ -1,28 +1,94 @@
-"""Physically smaller export: a ``TyrForCausalLM`` with per-layer shapes, built from the dense model and a layout."""
+"""Physically smaller export: a ``TyrForCausalLM`` with per-layer shapes, built from the dense model and a layout.
+
+For a kept head we keep its q rows, the k/v rows of the KV head it reads, and the refitted o_proj columns; for a
+kept neuron its gate/up rows and the refitted down_proj column (ALGORITHM.md §7.2). GQA heads pruned unevenly
+across KV groups are handled by a per-layer query-head -> KV-head map instead of padding (§10 item 2, option c).
+A sublayer with no groups left is dropped (§10 item 14).
+"""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..families import geometry
+from ..errors import ExportError
+from ..families import Geometry, geometry
 from ..pruned import PrunedLayout, kept_columns
 from .configuration_tyr import TyrConfig
-from .modeling_tyr import TyrForCausalLM
+from .modeling_tyr import TyrForCausalLM, TyrRotaryEmbedding
 
 _HERE = Path(__file__).parent
+MODELING_FILES = ("configuration_tyr.py", "modeling_tyr.py")
+AUTO_MAP = {"AutoConfig": "configuration_tyr.TyrConfig", "AutoModelForCausalLM": "modeling_tyr.TyrForCausalLM"}
+
+
+def check_layout(geo: Geometry, layout: PrunedLayout) -> None:
+    """Check that ``layout`` describes every sublayer of a model with geometry ``geo``.
+
+    Raises:
+        ExportError: naming the first ``(layer, kind)`` that is missing, has unsorted, repeated or out-of-range
+            kept indices, or whose refitted weight has the wrong shape.
+    """
+    for layer in range(geo.num_layers):
+        for kind in ("attn", "mlp"):
+            if (layer, kind) not in layout:
+                raise ExportError(f"layout has no entry for layer {layer} {kind}: a layout must cover every sublayer")
+            sub = layout[(layer, kind)]
+            kept, groups = sub.kept.long(), geo.groups(kind)
+            if kept.dim() != 1 or (kept.numel() and (kept.min() < 0 or kept.max() >= groups)):
+                raise ExportError(f"layer {layer} {kind}: kept indices must be a 1-D tensor in [0, {groups})")
+            if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+                raise ExportError(f"layer {layer} {kind}: kept indices must be sorted and unique")
+            expected = (geo.hidden, kept.numel() * geo.group_size(kind))
+            if tuple(sub.weight.shape) != expected:
+                raise ExportError(
+                    f"layer {layer} {kind}: refitted weight has shape {tuple(sub.weight.shape)}, expected {expected}"
+                )
+
+
+def kept_kv_heads(geo: Geometry, kept_heads: torch.Tensor) -> torch.Tensor:
+    """Sorted KV heads read by at least one kept query head (query head h reads KV head h // heads_per_kv)."""
+    return torch.unique(kept_heads.long() // geo.heads_per_kv)
+
+
+def _layer_windows(config) -> list[int | None]:
+    """Per-layer sliding window of the source model, as transformers applies it (None: full causal)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * config.num_hidden_layers
+    if layer_types is None:  # Mistral: one window for every layer
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
 def compact_config(config, layout: PrunedLayout) -> TyrConfig:
+    """The ``TyrConfig`` of the compact model: the dense config plus the layout's per-layer shapes.
+
+    Args:
+        config: the dense model's config (Llama, Mistral, Qwen2 or Qwen3).
+        layout: the kept groups of every sublayer.
+
+    Returns:
+        A config whose ``layer_*`` lists give, per layer, kept query heads, kept KV heads, the query-head ->
+        kept-KV-head map, kept neurons and the sliding window.
+
+    Raises:
+        UnsupportedModelError: the config is not a supported family.
+        ExportError: the layout does not fit the model.
+    """
     geo = geometry(config)
+    check_layout(geo, layout)
     heads, kv_heads, kv_map, widths = [], [], [], []
     for layer in range(geo.num_layers):
         kept = layout[(layer, "attn")].kept.long()
-        kv = sorted(set((kept // geo.heads_per_kv).tolist()))
+        kv = kept_kv_heads(geo, kept).tolist()
         heads.append(int(kept.numel()))
         kv_heads.append(len(kv))
         kv_map.append([kv.index(int(h) // geo.heads_per_kv) for h in kept])
@@ -38,7 +104,8 @@ def compact_config(config, layout: PrunedLayout) -> TyrConfig:
         hidden_act=config.hidden_act,
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=dict(config.rope_parameters),
+        initializer_range=getattr(config, "initializer_range", 0.02),
+        rope_parameters=copy.deepcopy(dict(config.rope_parameters)),
         qkv_bias=geo.qkv_bias,
         o_bias=geo.o_bias,
         mlp_bias=geo.mlp_bias,
@@ -48,94 +115,185 @@ def compact_config(config, layout: PrunedLayout) -> TyrConfig:
         layer_kv_heads=kv_heads,
         layer_kv_map=kv_map,
         layer_intermediate=widths,
+        layer_sliding_window=_layer_windows(config),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
+        dtype=getattr(config, "dtype", None),
     )
 
 
-def _rows(lin: nn.Linear, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = {"weight": lin.weight.detach()[rows]}
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy that shares no memory with the dense model (the compact model must not alias it)."""
+    return tensor.detach().clone()
+
+
+def _rows(prefix: str, lin: nn.Linear, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``lin``'s weight (and bias) restricted to ``rows``; indexing already copies."""
+    out = {f"{prefix}.weight": lin.weight.detach()[rows.to(lin.weight.device)]}
     if lin.bias is not None:
-        out["bias"] = lin.bias.detach()[rows]
+        out[f"{prefix}.bias"] = lin.bias.detach()[rows.to(lin.bias.device)]
+    return out
+
+
+def _refitted(sub_weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The layout's refitted weight, copied into the dense model's dtype and device (layouts are often fp32)."""
+    return sub_weight.detach().to(device=like.device, dtype=like.dtype, copy=True)
+
+
+def _attention_state(geo: Geometry, block: nn.Module, sub, p: str) -> dict[str, torch.Tensor]:
+    sa = block.self_attn
+    if sub.removed_all:  # only o_proj's bias survives a dropped attention (residual + constant)
+        return {f"{p}attn_output_bias": _copy(sa.o_proj.bias)} if sa.o_proj.bias is not None else {}
+    kept = sub.kept.long()
+    q_rows = kept_columns(kept, geo.head_dim)
+    kv_rows = kept_columns(kept_kv_heads(geo, kept), geo.head_dim)
+    out = {f"{p}input_layernorm.weight": _copy(block.input_layernorm.weight)}
+    out |= _rows(f"{p}self_attn.q_proj", sa.q_proj, q_rows)
+    out |= _rows(f"{p}self_attn.k_proj", sa.k_proj, kv_rows)
+    out |= _rows(f"{p}self_attn.v_proj", sa.v_proj, kv_rows)
+    out[f"{p}self_attn.o_proj.weight"] = _refitted(sub.weight, sa.o_proj.weight)
+    if sa.o_proj.bias is not None:
+        out[f"{p}self_attn.o_proj.bias"] = _copy(sa.o_proj.bias)
+    if geo.family == "qwen3":  # per-head norms over head_dim: shared by every head, kept whole
+        out[f"{p}self_attn.q_norm.weight"] = _copy(sa.q_norm.weight)
+        out[f"{p}self_attn.k_norm.weight"] = _copy(sa.k_norm.weight)
+    return out
+
+
+def _mlp_state(block: nn.Module, sub, p: str) -> dict[str, torch.Tensor]:
+    mlp = block.mlp
+    if sub.removed_all:
+        return {f"{p}mlp_output_bias": _copy(mlp.down_proj.bias)} if mlp.down_proj.bias is not None else {}
+    rows = sub.kept.long()
+    out = {f"{p}post_attention_layernorm.weight": _copy(block.post_attention_layernorm.weight)}
+    out |= _rows(f"{p}mlp.gate_proj", mlp.gate_proj, rows)
+    out |= _rows(f"{p}mlp.up_proj", mlp.up_proj, rows)
+    out[f"{p}mlp.down_proj.weight"] = _refitted(sub.weight, mlp.down_proj.weight)
+    if mlp.down_proj.bias is not None:
+        out[f"{p}mlp.down_proj.bias"] = _copy(mlp.down_proj.bias)
     return out
 
 
 def compact_state_dict(model: nn.Module, layout: PrunedLayout) -> dict[str, torch.Tensor]:
-    """Weights of the compact model: kept rows of q/k/v and gate/up, refitted o/down on the kept columns."""
+    """Weights of the compact model under Llama's standard names.
+
+    Kept rows of q/k/v and gate/up (dense values), the refitted o_proj/down_proj on the kept columns, the norms of
+    kept sublayers, embeddings, final norm and ``lm_head`` (when tied, the same tensor as the embeddings). No tensor
+    shares memory with ``model`` or ``layout``.
+
+    Args:
+        model: the dense ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``.
+        layout: the kept groups and refitted output projections of every sublayer.
+
+    Returns:
+        Name -> tensor, in the dense model's dtype and on its device.
+
+    Raises:
+        UnsupportedModelError: the model is not a supported family.
+        ExportError: the layout does not fit the model.
+    """
     geo = geometry(model.config)
-    sd: dict[str, torch.Tensor] = {}
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        sd[name] = model.get_parameter(name).detach()
+    check_layout(geo, layout)
+    embeddings = _copy(model.model.embed_tokens.weight)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {
+        "model.embed_tokens.weight": embeddings,
+        "model.norm.weight": _copy(model.model.norm.weight),
+        "lm_head.weight": embeddings if tied else _copy(model.lm_head.weight),
+    }
     for layer, block in enumerate(model.model.layers):
-        p = f"model.layers.{layer}."
-        attn, mlp = layout[(layer, "attn")], layout[(layer, "mlp")]
-        if not attn.removed_all:
-            kept = attn.kept.long()
-            q_rows = kept_columns(kept, geo.head_dim)
-            kv = torch.tensor(sorted(set((kept // geo.heads_per_kv).tolist())), dtype=torch.long)
-            kv_rows = kept_columns(kv, geo.head_dim)
-            sa = block.self_attn
-            for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-                sd.update({f"{p}self_attn.{proj}.{k}": v for k, v in _rows(getattr(sa, proj), rows).items()})
-            sd[f"{p}self_attn.o_proj.weight"] = attn.weight
-            if sa.o_proj.bias is not None:
-                sd[f"{p}self_attn.o_proj.bias"] = sa.o_proj.bias.detach()
-            if geo.family == "qwen3":
-                sd[f"{p}self_attn.q_norm.weight"] = sa.q_norm.weight.detach()
-                sd[f"{p}self_attn.k_norm.weight"] = sa.k_norm.weight.detach()
-            sd[f"{p}input_layernorm.weight"] = block.input_layernorm.weight.detach()
-        if not mlp.removed_all:
-            rows = mlp.kept.long()
-            for proj in ("gate_proj", "up_proj"):
-                sd.update({f"{p}mlp.{proj}.{k}": v for k, v in _rows(getattr(block.mlp, proj), rows).items()})
-            sd[f"{p}mlp.down_proj.weight"] = mlp.weight
-            if block.mlp.down_proj.bias is not None:
-                sd[f"{p}mlp.down_proj.bias"] = block.mlp.down_proj.bias.detach()
-            sd[f"{p}post_attention_layernorm.weight"] = block.post_attention_layernorm.weight.detach()
-    return {k: v.contiguous().clone() for k, v in sd.items()}
+        prefix = f"model.layers.{layer}."
+        state |= _attention_state(geo, block, layout[(layer, "attn")], prefix)
+        state |= _mlp_state(block, layout[(layer, "mlp")], prefix)
+    return state
 
 
 def build_compact_model(model: nn.Module, layout: PrunedLayout) -> TyrForCausalLM:
+    """The compact model in memory: same function as ``masked_model(model, layout)``, fewer parameters.
+
+    Args:
+        model: the dense model (Llama, Mistral, Qwen2 or Qwen3 causal LM).
+        layout: the kept groups and refitted output projections of every sublayer.
+
+    Returns:
+        A ``TyrForCausalLM`` in eval mode, in the dense model's dtype and on its device.
+
+    Raises:
+        UnsupportedModelError: the model is not a supported family.
+        ExportError: the layout does not fit the model.
+    """
     config = compact_config(model.config, layout)
-    dtype = next(model.parameters()).dtype
-    compact = TyrForCausalLM(config).to(dtype).eval()
-    missing, unexpected = compact.load_state_dict(compact_state_dict(model, layout), strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    assert not missing and not unexpected, (missing, unexpected)
+    config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    state = compact_state_dict(model, layout)
+    device, config.dtype = state["model.embed_tokens.weight"].device, state["model.embed_tokens.weight"].dtype
+    with torch.device("meta"):  # skeleton only: random init of a large model would cost minutes and memory
+        compact = TyrForCausalLM(config)
+    compact.load_state_dict(state, strict=True, assign=True)
+    # non-persistent RoPE buffers are not in the state dict; build them for real
+    compact.model.rotary_emb = TyrRotaryEmbedding(config, device=device)
     if config.tie_word_embeddings:
-        compact.tie_weights()
-    return compact
+        compact.lm_head.weight = compact.model.embed_tokens.weight
+    if getattr(model, "generation_config", None) is not None:  # keep the source's decoding defaults (eos, sampling)
+        compact.generation_config = copy.deepcopy(model.generation_config)
+    return compact.eval()
 
 
 def save_compact(model: nn.Module, layout: PrunedLayout, out_dir: Path, tokenizer=None) -> Path:
-    """Write the compact model (safetensors, config with ``auto_map``, our modeling files) atomically."""
+    """Write the compact model: safetensors weights, config with ``auto_map``, and our config/modeling files.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` anywhere
+    transformers is installed, and without the flag where ``tyr_core.export`` has been imported. The write is
+    atomic: a temporary folder next to ``out_dir`` is renamed into place, so an interrupted export leaves no
+    ``out_dir`` (an existing one is replaced only once the new one is complete).
+
+    Args:
+        model: the dense model.
+        layout: the kept groups and refitted output projections of every sublayer.
+        out_dir: the folder to create or replace.
+        tokenizer: saved alongside when given.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        UnsupportedModelError: the model is not a supported family.
+        ExportError: the layout does not fit the model.
+    """
     compact = build_compact_model(model, layout)
-    compact.config.auto_map = {
-        "AutoConfig": "configuration_tyr.TyrConfig",
-        "AutoModelForCausalLM": "modeling_tyr.TyrForCausalLM",
-    }
-    return _atomic_save(Path(out_dir), lambda tmp: _write_compact(compact, tmp, tokenizer))
+    compact.config.auto_map = dict(AUTO_MAP)
+    return atomic_write(Path(out_dir), lambda tmp: _write_compact(compact, tmp, tokenizer))
 
 
 def _write_compact(compact: TyrForCausalLM, tmp: Path, tokenizer) -> None:
     compact.save_pretrained(tmp, safe_serialization=True)
-    for name in ("configuration_tyr.py", "modeling_tyr.py"):
+    for name in MODELING_FILES:
         shutil.copy(_HERE / name, tmp / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
 
 
-def _atomic_save(out: Path, write) -> Path:
-    """Write into a temp folder beside ``out`` and rename it into place: never a half-written export."""
+def atomic_write(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a fresh folder beside ``out``, then rename it to ``out``.
+
+    A crash inside ``write`` leaves neither ``out`` nor the temporary folder. An existing ``out`` is moved aside
+    and deleted only after the new folder is in place (restored if the rename fails).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
     try:
         write(tmp)
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return out
