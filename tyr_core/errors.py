@@ -72,3 +72,7 @@ class StoreCredentialsError(StoreError):
 
 class NoSuchBucketError(StoreError):
     """The S3 bucket named in the store URL does not exist."""
+
+
+class SearchError(TyrError, ValueError):
+    """A search input does not fit: a candidate or state vs. the genome, or window ids vs. the teacher cache."""

@@ -1,169 +1,428 @@
-"""The evolutionary sparsity-shift search (ALGORITHM.md §6), pure and seeded.
+"""The evolutionary sparsity-shift search of one iteration (ALGORITHM.md §6), pure and seeded.
 
-A candidate is a list of levels, one per gene (``grid.Sublayer``, with an explicit kind tag). Mutations move one
-level of budget from one sublayer to another of the same kind, so the attention and MLP budgets never change.
-Selection is multi-stage and elitist. The evaluator is injected; the RNG is explicit and serialised with the
-state, so a search resumed from any committed generation reproduces an uninterrupted run exactly.
+A candidate is a list of integer levels, one per gene (``grid.Sublayer``, in the genome's order). A mutation moves
+one level of budget from a gene to a gene of the same kind, by the kind tag and never by index parity (§10.11), so
+the attention and MLP budgets never change (§6.2). Selection is multi-stage and elitist: every stage scores its pool
+on a fresh minibatch of calibration windows and keeps the best, and the parent rejoins the pool at the last stage
+(§6.3). The evaluator is injected and the RNG is explicit and serialised with the state, so the search runs without
+a model and a search resumed from any committed generation does exactly what an uninterrupted one would have done.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .artifacts import Kind
+from .errors import SearchError
 from .grid import Sublayer
 
-Evaluate = Callable[[list[int], list[int]], float]  # (levels, window ids) -> fitness, lower is better
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[list[int], list[int]], float]  # (candidate levels, window ids) -> fitness, lower is better
+Progress = Callable[[int, int], None]  # (evaluations done, evaluations planned) within one generation
+
+# Mutations tried per requested child before ``offspring`` settles for fewer: a small or nearly frozen search space
+# cannot hold ``n`` unique children, and the reference would loop forever there.
+ATTEMPTS_PER_CHILD = 50
 
 
 class SearchConfig(BaseModel):
+    """Settings of the sparsity-shift search (ALGORITHM.md §6); the defaults are the paper's."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    offspring: int = Field(128, ge=1, description="unique children per generation")
-    generations: int = Field(50, ge=0, description="generations per iteration")
-    stage_tokens: list[int] = Field(default_factory=lambda: [2048, 16384, 131072], description="tokens per stage")
-    survivors: list[int] = Field(default_factory=lambda: [16, 4, 1], description="candidates kept after each stage")
-    max_swaps: int = Field(4, ge=1, description="most sparsity shifts per mutation")
-    prefix_sharing: bool = Field(True, description="reuse the parent's hidden states for unchanged layers")
+
+    offspring: int = Field(128, ge=1, description="unique children of the parent per generation (§6.2)")
+    generations: int = Field(50, ge=0, description="generations per iteration (§6, §7.1)")
+    stage_tokens: list[int] = Field(
+        default_factory=lambda: [2048, 16384, 131072],
+        min_length=1,
+        description="calibration tokens each selection stage scores its pool on, a fresh minibatch per stage (§6.3)",
+    )
+    survivors: list[int] = Field(
+        default_factory=lambda: [16, 4, 1],
+        min_length=1,
+        description="candidates kept after each stage; the last stage keeps 1, the next parent (§6.3)",
+    )
+    max_swaps: int = Field(
+        4, ge=1, description="most sparsity shifts per mutation; the count is the min of two uniform draws (§6.2)"
+    )
+    prefix_sharing: bool = Field(
+        True, description="reuse the parent's hidden states for a candidate's unchanged leading layers (speed only)"
+    )
+
+    @field_validator("stage_tokens")
+    @classmethod
+    def _tokens_positive_and_non_decreasing(cls, tokens: list[int]) -> list[int]:
+        if any(t <= 0 for t in tokens):
+            raise ValueError(f"stage_tokens={tokens}: every stage needs a positive number of tokens")
+        if any(b < a for a, b in pairwise(tokens)):
+            raise ValueError(f"stage_tokens={tokens} must be non-decreasing: later stages judge fewer candidates")
+        return tokens
+
+    @field_validator("survivors")
+    @classmethod
+    def _survivors_narrow_to_one(cls, survivors: list[int]) -> list[int]:
+        if any(b > a for a, b in pairwise(survivors)):
+            raise ValueError(
+                f"survivors={survivors} must be non-increasing: a stage cannot keep more than it was given"
+            )
+        if survivors[-1] != 1:
+            raise ValueError(f"survivors={survivors} must end with 1: the last stage picks the next parent")
+        return survivors
 
     @model_validator(mode="after")
-    def _stages(self) -> SearchConfig:
-        if len(self.stage_tokens) != len(self.survivors) or not self.survivors:
-            raise ValueError("stage_tokens and survivors must be non-empty lists of the same length")
-        if any(t <= 0 for t in self.stage_tokens) or self.stage_tokens != sorted(self.stage_tokens):
-            raise ValueError("stage_tokens must be positive and non-decreasing")
-        if self.survivors != sorted(self.survivors, reverse=True) or self.survivors[-1] != 1:
-            raise ValueError("survivors must be non-increasing and end with 1")
+    def _stages_fit_together(self) -> SearchConfig:
+        if len(self.stage_tokens) != len(self.survivors):
+            raise ValueError(
+                f"stage_tokens has {len(self.stage_tokens)} stages but survivors has {len(self.survivors)}: "
+                "give one survivor count per stage"
+            )
         if self.offspring < self.survivors[0]:
-            raise ValueError(f"offspring ({self.offspring}) must be at least survivors[0] ({self.survivors[0]})")
+            raise ValueError(f"offspring={self.offspring} must be at least survivors[0]={self.survivors[0]}")
         return self
 
 
-class GenerationRecord(BaseModel):
-    generation: int
-    fitness: float
-    candidates: int
-    evaluations: int
+# --- constraints (named predicates, STYLE-ANCHORS house style 8) -------------------------------------------------
 
 
-class SearchState(BaseModel):
-    """Everything needed to continue a search: serialise it after each generation."""
+def removed_groups(levels: Sequence[int], genes: Sequence[Sublayer]) -> dict[Kind, int]:
+    """Groups removed per kind by a candidate: the budgets a mutation must preserve (§6.2).
 
-    iteration: int
-    generation: int = 0
-    parent: list[int]
-    parent_fitness: float | None = None
-    history: list[GenerationRecord] = Field(default_factory=list)
-    rng: dict
-
-
-def initial_state(genes: list[Sublayer], seed: int, iteration: int, parent: list[int] | None = None) -> SearchState:
-    rng = np.random.Generator(np.random.PCG64(seed))
-    return SearchState(iteration=iteration, parent=list(parent or [0] * len(genes)), rng=rng.bit_generator.state)
-
-
-def _rng(state: SearchState) -> np.random.Generator:
-    bitgen = np.random.PCG64()
-    bitgen.state = state.rng
-    return np.random.Generator(bitgen)
-
-
-def removed_groups(levels: list[int], genes: list[Sublayer]) -> dict[str, int]:
-    out: dict[str, int] = {}
+    Raises:
+        GridError: if a level is outside its gene's grid.
+    """
+    totals: dict[Kind, int] = {}
     for gene, level in zip(genes, levels, strict=True):
-        out[gene.kind] = out.get(gene.kind, 0) + gene.removed(level)
-    return out
+        totals[gene.kind] = totals.get(gene.kind, 0) + gene.removed(level)
+    return totals
 
 
-def budget_preserved(child: list[int], parent: list[int], genes: list[Sublayer]) -> bool:
-    """The named constraint of every mutation: each kind removes as many groups as the parent."""
-    return removed_groups(child, genes) == removed_groups(parent, genes)
+def check_budget(candidate: Sequence[int], reference: Sequence[int], genes: Sequence[Sublayer]) -> bool:
+    """Whether ``candidate`` removes exactly as many groups of every kind as ``reference`` (the parent)."""
+    return removed_groups(candidate, genes) == removed_groups(reference, genes)
 
 
-def within_bounds(levels: list[int], genes: list[Sublayer]) -> bool:
-    return all(g.lo <= lv <= g.hi for g, lv in zip(genes, levels, strict=True))
+def check_bounds(levels: Sequence[int], genes: Sequence[Sublayer]) -> bool:
+    """Whether the candidate has one level per gene, each inside that gene's grid ``[lo, hi]``."""
+    return len(levels) == len(genes) and all(g.lo <= lv <= g.hi for g, lv in zip(genes, levels, strict=True))
 
 
-def mutate(parent: list[int], genes: list[Sublayer], rng: np.random.Generator, max_swaps: int = 4) -> list[int]:
-    """Sparsity shift: 1-``max_swaps`` swaps (P ∝ 7, 5, 3, 1 for 4), each making one gene a level denser and a
-    gene of the same kind a level sparser (the same gene is allowed: no change)."""
+def require_fits(levels: Sequence[int], genes: Sequence[Sublayer], what: str = "candidate") -> None:
+    """Fail fast, naming the sublayer, when ``levels`` does not fit the genome (e.g. a state from another plan).
+
+    Raises:
+        SearchError: on a length mismatch or a level outside its gene's grid.
+    """
+    if len(levels) != len(genes):
+        raise SearchError(f"{what} has {len(levels)} levels but the genome has {len(genes)} sublayers")
+    for gene, level in zip(genes, levels, strict=True):
+        if not gene.lo <= level <= gene.hi:
+            raise SearchError(f"{what}: {gene.name} is at level {level}, outside its grid [{gene.lo}, {gene.hi}]")
+
+
+def can_go_denser(gene: Sublayer, level: int) -> bool:
+    """Whether the gene has a copy one level denser (the supernet grid is cut short at the edges, §4.1)."""
+    return level - 1 >= gene.lo
+
+
+def can_go_sparser(gene: Sublayer, level: int) -> bool:
+    """Whether the gene has a copy one level sparser."""
+    return level + 1 <= gene.hi
+
+
+# --- mutation (§6.2) ------------------------------------------------------------------------------------------------
+
+
+def draw_swap_count(rng: np.random.Generator, max_swaps: int = 4) -> int:
+    """Number of sparsity shifts of one mutation: the min of two uniform draws in ``1..max_swaps``.
+
+    This favours small moves: P(n) = (2 (max_swaps - n) + 1) / max_swaps², i.e. 7, 5, 3, 1 / 16 for 4 (§6.2).
+    """
+    return min(int(rng.integers(1, max_swaps + 1)), int(rng.integers(1, max_swaps + 1)))
+
+
+def shift_one_level(child: list[int], genes: Sequence[Sublayer], rng: np.random.Generator) -> tuple[int, int] | None:
+    """One sparsity shift, in place: gene ``d`` one level denser, gene ``i`` of the same kind one level sparser.
+
+    As in the reference, ``d`` is uniform over the genes that can go denser and ``i`` uniform over the genes of
+    ``d``'s kind that can go sparser, both judged before the shift; ``d == i`` is allowed and changes nothing
+    (§10.11). A gene is never moved off its grid. Kinds with no legal pair are skipped, where the reference
+    would spin forever.
+
+    Returns:
+        ``(d, i)``, or None when no kind has a legal move.
+    """
+    sparser: dict[Kind, list[int]] = {}
+    for j, gene in enumerate(genes):
+        if can_go_sparser(gene, child[j]):
+            sparser.setdefault(gene.kind, []).append(j)
+    denser = [j for j, gene in enumerate(genes) if gene.kind in sparser and can_go_denser(gene, child[j])]
+    if not denser:
+        return None
+    d = denser[int(rng.integers(len(denser)))]
+    same_kind = sparser[genes[d].kind]  # explicit kind tag: the budget of a kind moves only within that kind
+    i = same_kind[int(rng.integers(len(same_kind)))]
+    child[d] -= 1
+    child[i] += 1
+    return d, i
+
+
+def mutate(parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Generator, max_swaps: int = 4) -> list[int]:
+    """A child of ``parent`` after ``draw_swap_count`` sparsity shifts (ALGORITHM.md §6.2).
+
+    Every gene of a kind has the same step in groups, so each shift keeps the groups removed per kind exactly.
+
+    Args:
+        parent: levels, one per gene.
+        genes: the genome, in the order of ``parent``.
+        rng: the search's generator; the only source of randomness.
+        max_swaps: most shifts per mutation.
+
+    Raises:
+        SearchError: if ``parent`` does not fit the genome.
+    """
+    require_fits(parent, genes, "parent")
     child = list(parent)
-    swaps = min(int(rng.integers(1, max_swaps + 1)), int(rng.integers(1, max_swaps + 1)))
-    kinds = sorted({g.kind for g in genes})
-    for _ in range(swaps):
-        kind = kinds[int(rng.integers(len(kinds)))]
-        denser = [i for i, g in enumerate(genes) if g.kind == kind and child[i] - 1 >= g.lo]
-        if not denser:
-            continue
-        d = denser[int(rng.integers(len(denser)))]
-        child[d] -= 1
-        sparser = [i for i, g in enumerate(genes) if g.kind == kind and child[i] + 1 <= g.hi]
-        s = sparser[int(rng.integers(len(sparser)))]  # never empty: d itself can go back up
-        child[s] += 1
+    for _ in range(draw_swap_count(rng, max_swaps)):
+        shift_one_level(child, genes, rng)
     return child
 
 
-def offspring(parent: list[int], genes: list[Sublayer], rng: np.random.Generator, n: int, max_swaps: int = 4):
-    """``n`` unique children (fewer if the space is that small); the parent itself may be among them."""
+def offspring(
+    parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Generator, n: int, max_swaps: int = 4
+) -> list[list[int]]:
+    """Up to ``n`` unique children of ``parent``, in the order drawn; a child equal to the parent is kept (§6.2).
+
+    Duplicates are rejected. After ``ATTEMPTS_PER_CHILD * n`` mutations the search space is taken to be too small
+    and fewer children are returned.
+    """
     seen: set[tuple[int, ...]] = set()
-    out: list[list[int]] = []
-    for _ in range(50 * n):
+    children: list[list[int]] = []
+    for _ in range(ATTEMPTS_PER_CHILD * n):
+        if len(children) == n:
+            break
         child = mutate(parent, genes, rng, max_swaps)
         if tuple(child) not in seen:
             seen.add(tuple(child))
-            out.append(child)
-            if len(out) == n:
-                break
-    return out
+            children.append(child)
+    if len(children) < n:
+        log.info(
+            "only %d unique offspring of %d requested: the search space around the parent is small", len(children), n
+        )
+    return children
 
 
-def stage_windows(rng: np.random.Generator, tokens: int, n_windows: int, seq_len: int) -> list[int]:
-    """A fresh minibatch of distinct calibration windows holding at least ``tokens`` tokens."""
-    count = min(n_windows, max(1, math.ceil(tokens / seq_len)))
-    return sorted(int(i) for i in rng.choice(n_windows, size=count, replace=False))
+# --- selection (§6.3) -----------------------------------------------------------------------------------------------
+
+
+def stage_window_count(tokens: int, n_windows: int, seq_len: int) -> int:
+    """Fixed-length windows holding at least ``tokens`` tokens, capped at the windows available."""
+    return min(n_windows, max(1, math.ceil(tokens / seq_len)))
+
+
+def draw_stage_windows(rng: np.random.Generator, tokens: int, n_windows: int, seq_len: int) -> list[int]:
+    """A fresh minibatch of distinct calibration window ids (sorted) for one selection stage.
+
+    Raises:
+        SearchError: if there are no windows or they are empty.
+    """
+    if n_windows < 1 or seq_len < 1:
+        raise SearchError(f"the search needs calibration windows: got n_windows={n_windows}, seq_len={seq_len}")
+    count = stage_window_count(tokens, n_windows, seq_len)
+    return sorted(int(w) for w in rng.choice(n_windows, size=count, replace=False))
+
+
+def planned_evaluations(n_candidates: int, survivors: Sequence[int]) -> int:
+    """Most evaluations one generation can make: every stage's pool, with the parent's slot at the last stage."""
+    total, size = 0, n_candidates
+    for stage, keep in enumerate(survivors):
+        if stage == len(survivors) - 1:
+            size += 1  # the parent, unless it already survived
+        total += size
+        size = min(size, keep)
+    return total
+
+
+def _rank(score: float) -> float:
+    """Sort key of a fitness: a NaN (a diverged candidate) ranks last instead of poisoning the sort."""
+    return math.inf if math.isnan(score) else score
+
+
+def keep_best(pool: list[list[int]], scores: list[float], keep: int) -> tuple[list[list[int]], list[float]]:
+    """The ``keep`` lowest-scoring candidates with their scores; ties keep the pool's order (stable sort)."""
+    order = sorted(range(len(pool)), key=lambda j: _rank(scores[j]))[:keep]
+    return [pool[j] for j in order], [scores[j] for j in order]
+
+
+@dataclass
+class _Counter:
+    """Evaluations made so far in a generation, reported through the optional progress callback."""
+
+    total: int
+    progress: Progress | None
+    done: int = 0
+
+    def score(self, evaluate: Evaluate, candidate: list[int], windows: list[int]) -> float:
+        fitness = float(evaluate(list(candidate), list(windows)))  # copies: the evaluator cannot alter the pool
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        return fitness
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Outcome of one generation's selection."""
+
+    best: list[int]
+    fitness: float  # on the last stage's minibatch
+    evaluations: int
 
 
 def select(
-    candidates: list[list[int]],
-    parent: list[int],
+    candidates: Sequence[Sequence[int]],
+    parent: Sequence[int],
     evaluate: Evaluate,
     cfg: SearchConfig,
     rng: np.random.Generator,
     n_windows: int,
     seq_len: int,
-) -> tuple[list[int], float, int]:
-    """Multi-stage elitist selection; returns (best, its fitness on the last stage, evaluations)."""
+    progress: Progress | None = None,
+) -> Selection:
+    """Multi-stage elitist selection (ALGORITHM.md §6.3).
+
+    Each stage draws a fresh minibatch of distinct windows, scores its whole pool on it and keeps the best
+    ``cfg.survivors[stage]``. At the last stage the parent joins the pool if it is not already there, so a
+    deterministic fitness never loses the parent; with minibatch noise the parent is re-scored and can be replaced.
+
+    Args:
+        candidates: the offspring (unique).
+        parent: the current parent.
+        evaluate: ``(levels, window ids) -> fitness``, lower is better.
+        cfg: stage sizes.
+        rng: the search's generator (draws the minibatches).
+        n_windows: calibration windows available (ids ``0..n_windows-1``).
+        seq_len: tokens per window.
+        progress: called with ``(done, total)`` after every evaluation; ``total`` counts the parent's slot at the
+            last stage and drops by one when the parent is already a survivor.
+    """
     pool = [list(c) for c in candidates]
+    counter = _Counter(planned_evaluations(len(pool), cfg.survivors), progress)
     scores: list[float] = []
-    evaluations = 0
+    last = len(cfg.survivors) - 1
     for stage, (tokens, keep) in enumerate(zip(cfg.stage_tokens, cfg.survivors, strict=True)):
-        if stage == len(cfg.stage_tokens) - 1 and parent not in pool:
-            pool.append(list(parent))  # elitism: the parent competes in the final stage
-        batch = stage_windows(rng, tokens, n_windows, seq_len)
-        scores = [evaluate(c, batch) for c in pool]
-        evaluations += len(pool)
-        order = sorted(range(len(pool)), key=lambda i: scores[i])[:keep]
-        pool, scores = [pool[i] for i in order], [scores[i] for i in order]
-    return pool[0], scores[0], evaluations
+        if stage == last:
+            if list(parent) in pool:
+                counter.total -= 1
+            else:
+                pool.append(list(parent))  # elitism (§6.3)
+        windows = draw_stage_windows(rng, tokens, n_windows, seq_len)  # one batch for the whole stage
+        scores = [counter.score(evaluate, c, windows) for c in pool]
+        pool, scores = keep_best(pool, scores, keep)
+    return Selection(best=pool[0], fitness=scores[0], evaluations=counter.done)
+
+
+# --- state, generations, resume -------------------------------------------------------------------------------------
+
+
+class GenerationRecord(BaseModel):
+    """What one generation did, for reports and plots."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    generation: int = Field(description="1-based number of the generation")
+    fitness: float = Field(description="the new parent's fitness on the last stage's minibatch")
+    candidates: int = Field(description="unique offspring scored in the first stage")
+    evaluations: int = Field(description="fitness evaluations made, over all stages")
+
+
+class SearchState(BaseModel):
+    """Everything needed to continue a search: committed after each generation, JSON round-trips exactly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    iteration: int = Field(description="outer iteration this search belongs to (§7.1)")
+    generation: int = Field(0, ge=0, description="generations completed")
+    parent: list[int] = Field(description="levels of the current parent, one per gene; all zeros at the start")
+    parent_fitness: float | None = Field(None, description="the parent's fitness when it was selected")
+    history: list[GenerationRecord] = Field(default_factory=list, description="one record per generation")
+    rng: dict[str, Any] = Field(description="numpy PCG64 state (bit_generator.state) after the last generation")
+
+    @field_validator("rng")
+    @classmethod
+    def _pcg64_state(cls, state: dict[str, Any]) -> dict[str, Any]:
+        if state.get("bit_generator") != "PCG64":
+            raise ValueError(f"rng must be a numpy PCG64 state, got bit_generator={state.get('bit_generator')!r}")
+        return state
+
+
+def restore_rng(state: dict[str, Any]) -> np.random.Generator:
+    """A generator continuing exactly from a serialised PCG64 state."""
+    bit_generator = np.random.PCG64()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
+def initial_state(
+    genes: Sequence[Sublayer], seed: int, iteration: int, parent: Sequence[int] | None = None
+) -> SearchState:
+    """The state before generation 1: the parent is all zeros (the supernet's centres, §6.1) unless given.
+
+    Raises:
+        SearchError: if ``parent`` does not fit the genome.
+    """
+    levels = [0] * len(genes) if parent is None else list(parent)
+    require_fits(levels, genes, "parent")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return SearchState(iteration=iteration, parent=levels, rng=rng.bit_generator.state)
 
 
 def run_generation(
-    state: SearchState, genes: list[Sublayer], evaluate: Evaluate, cfg: SearchConfig, n_windows: int, seq_len: int
+    state: SearchState,
+    genes: Sequence[Sublayer],
+    evaluate: Evaluate,
+    cfg: SearchConfig,
+    n_windows: int,
+    seq_len: int,
+    progress: Progress | None = None,
 ) -> SearchState:
-    """One generation: mutate the parent into offspring, select, and return the next state."""
-    rng = _rng(state)
+    """One generation: offspring of the parent, multi-stage selection, and the next state (``state`` is unchanged).
+
+    Args:
+        state: the state after the previous generation (or ``initial_state``).
+        genes: the genome the state's levels refer to.
+        evaluate: ``(levels, window ids) -> fitness``, lower is better.
+        cfg: search settings.
+        n_windows: calibration windows available to the evaluator.
+        seq_len: tokens per window.
+        progress: ``(done, total)`` evaluations of this generation.
+
+    Raises:
+        SearchError: if the state's parent does not fit ``genes`` (a state resumed against another plan).
+    """
+    require_fits(state.parent, genes, f"search state of iteration {state.iteration}, generation {state.generation}")
+    rng = restore_rng(state.rng)
     children = offspring(state.parent, genes, rng, cfg.offspring, cfg.max_swaps)
-    best, fitness, evaluations = select(children, state.parent, evaluate, cfg, rng, n_windows, seq_len)
+    chosen = select(children, state.parent, evaluate, cfg, rng, n_windows, seq_len, progress)
     record = GenerationRecord(
-        generation=state.generation + 1, fitness=fitness, candidates=len(children), evaluations=evaluations
+        generation=state.generation + 1,
+        fitness=chosen.fitness,
+        candidates=len(children),
+        evaluations=chosen.evaluations,
     )
     return state.model_copy(
         update={
-            "generation": state.generation + 1,
-            "parent": best,
-            "parent_fitness": fitness,
+            "generation": record.generation,
+            "parent": chosen.best,
+            "parent_fitness": chosen.fitness,
             "history": [*state.history, record],
             "rng": rng.bit_generator.state,
         }
@@ -172,16 +431,31 @@ def run_generation(
 
 def run_search(
     state: SearchState,
-    genes: list[Sublayer],
+    genes: Sequence[Sublayer],
     evaluate: Evaluate,
     cfg: SearchConfig,
     n_windows: int,
     seq_len: int,
     on_generation: Callable[[SearchState], None] | None = None,
+    progress: Progress | None = None,
 ) -> SearchState:
-    """Generations until ``cfg.generations``; ``on_generation`` sees (and may commit) every state."""
+    """Generations from ``state`` until ``cfg.generations`` are complete.
+
+    ``on_generation`` sees every new state (the orchestrator commits it); a search resumed from any of those states,
+    after a JSON round-trip, ends exactly where this one does. ``progress`` is passed to each generation.
+    """
     while state.generation < cfg.generations:
-        state = run_generation(state, genes, evaluate, cfg, n_windows, seq_len)
-        if on_generation:
+        state = run_generation(state, genes, evaluate, cfg, n_windows, seq_len, progress)
+        record = state.history[-1]
+        log.info(
+            "iteration %d generation %d/%d: fitness %.6g (%d offspring, %d evaluations)",
+            state.iteration,
+            state.generation,
+            cfg.generations,
+            record.fitness,
+            record.candidates,
+            record.evaluations,
+        )
+        if on_generation is not None:
             on_generation(state)
     return state
