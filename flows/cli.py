@@ -339,13 +339,18 @@ def quiet_console(verbose: bool) -> None:
     log. ``--verbose`` keeps everything."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    if verbose:
-        return
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))
-            if not any(isinstance(f, _HideTyrTracebacks) for f in handler.filters):
-                handler.addFilter(_HideTyrTracebacks())
+        if not isinstance(handler, PrefectConsoleHandler):
+            continue
+        # Prefect configures logging once per process and binds its console to the stderr of that moment; a second
+        # in-process ``main()`` (a notebook, a test) may have another stderr, and the old one may be closed.
+        if handler.stream is not sys.stderr:
+            handler.stream = handler.console.file = sys.stderr  # not setStream(): it flushes the old, closed one
+        if verbose:
+            continue
+        handler.setLevel(max(handler.level, logging.WARNING))
+        if not any(isinstance(f, _HideTyrTracebacks) for f in handler.filters):
+            handler.addFilter(_HideTyrTracebacks())
     quiet_libraries()
 
 
@@ -1226,6 +1231,8 @@ def main(argv: list[str] | None = None) -> int:
     # Offline hosts, and nobody asked to report usage: no server analytics, no client telemetry (nor its notice).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The temporary local Prefect server gets 20 s to start by default; a loaded 2-core host can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         with signals_as_interrupt(signal.SIGTERM):
             return args.handler(args)

@@ -153,8 +153,9 @@ def local_prune(ref: RunRef, iteration: int, layer: int, kind: str, level: int) 
     """One compact pruned copy of one sublayer at one level, committed; returns its index entry."""
     ws = workspace(ref)
     key = keys.copy_key(iteration, layer, kind, level)
-    if is_committed(ws.store, key):
-        return read_manifest(ws.store, key).meta
+    if is_committed(ws.store, key):  # committed by an attempt whose task result was lost (killed right after)
+        manifest = read_manifest(ws.store, key)
+        return {**manifest.meta, "sha256": manifest.sha256}
     subs = _sublayers(read_json(ws.store, keys.plan_key(iteration)))
     cursor = ws.cursor(iteration, subs)
     cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
@@ -192,7 +193,11 @@ def supernet_index(ref: RunRef, iteration: int, entries: list[dict]) -> dict:
             "config_hash": ws.config.artefact_hash(),
             "accumulation": ws.config.prune.accumulation,
             "sublayers": plan_["sublayers"],
-            "copies": sorted(entries, key=lambda e: (e["layer"], e["kind"], e["level"])),
+            # hashes from the manifests, which are the commit, not from the task results that carried them here
+            "copies": sorted(
+                ({**e, "sha256": read_manifest(ws.store, e["key"]).sha256} for e in entries),
+                key=lambda e: (e["layer"], e["kind"], e["level"]),
+            ),
         }
         commit_bytes(ws.store, key, dumps(index), ws.config.artefact_hash())
     index = read_json(ws.store, key)

@@ -7,6 +7,7 @@ tasks of that layer run in this process (ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tyr_core.families import default_cache_dir, resolve_model
 from tyr_core.layerwise import LayerwiseModel
 from tyr_core.pipeline import prune_settings
 from tyr_core.prefix import PrefixForward
-from tyr_core.store import Store, fetch_verified, read_json
+from tyr_core.store import Store, fetch_verified, hash_file, read_json, read_manifest
 from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy
 
 from .storage import run_store
@@ -48,11 +49,22 @@ class Workspace:
     _cursors: dict[int, LayerCursor] = field(default_factory=dict)
     _search: dict[int, tuple[SupernetModel, PrefixForward]] = field(default_factory=dict)
 
+    _fetched: set[str] = field(default_factory=set)
+
     def fetch(self, key: str) -> Path:
-        """Local, verified copy of a committed artefact (downloaded once per process)."""
+        """Local copy of a committed artefact, checked against its manifest once per process.
+
+        The cache outlives processes (a resumed run reuses it): a file left there by an earlier process is trusted
+        only if its sha256 is the one committed now (the run may have been deleted and redone under the same id),
+        and is fetched again otherwise.
+        """
         path = self.cache / key
-        if not path.is_file():
-            fetch_verified(self.store, key, path)
+        with self.lock:
+            if key in self._fetched:
+                return path
+            if not path.is_file() or hash_file(path)[0] != read_manifest(self.store, key).sha256:
+                fetch_verified(self.store, key, path)
+            self._fetched.add(key)
         return path
 
     @property
@@ -120,10 +132,15 @@ def workspace(ref: RunRef) -> Workspace:
         if ref not in _WORKSPACES:
             store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
             config = load_run_config(read_json(store, keys.RUN_CONFIG)["config"], origin=keys.RUN_CONFIG)
-            cache = default_cache_dir() / "runs" / ref.run_id
+            cache = default_cache_dir() / "runs" / _location_tag(ref) / ref.run_id
             cache.mkdir(parents=True, exist_ok=True)
             _WORKSPACES[ref] = Workspace(ref, store, config, cache)
         return _WORKSPACES[ref]
+
+
+def _location_tag(ref: RunRef) -> str:
+    """A short, credential-free name for the store a run lives in: runs of one id in two stores never share a cache."""
+    return hashlib.sha256(f"{ref.store_url}\n{ref.endpoint_url or ''}".encode()).hexdigest()[:12]
 
 
 def forget(ref: RunRef) -> None:

@@ -159,11 +159,20 @@ def _completes(prefect, flow_run_id: str) -> None:
 
 
 def _task_states(prefect, flow_run_id: str) -> dict[str, list[str]]:
-    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    """Task-run states by task name, of the flow run and of its iteration subflows (where local-prune runs)."""
+    api = prefect["api"]
+    children = api.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}}).json()
+    runs = [flow_run_id, *(child["id"] for child in children)]
     states: dict[str, list[str]] = {}
-    for tr in prefect["api"].post("/task_runs/filter", json=body).json():
-        states.setdefault(tr["name"].rsplit("-", 1)[0], []).append(tr["state_name"])
-    return states
+    offset = 0
+    while True:  # a run has hundreds of task runs; the API pages them
+        body = {"flow_runs": {"id": {"any_": runs}}, "sort": "EXPECTED_START_TIME_ASC", "offset": offset, "limit": 200}
+        page = api.post("/task_runs/filter", json=body).json()
+        for tr in page:
+            states.setdefault(tr["name"].rsplit("-", 1)[0], []).append(tr["state_name"])
+        if len(page) < 200:
+            return states
+        offset += len(page)
 
 
 def _press_retry_in_ui(prefect, flow_run_id: str) -> None:
