@@ -45,6 +45,16 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     )
     assert any((run_dir / "iter-2" / "supernet").rglob("*.safetensors"))
 
+    # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
+    from tasks.steps import local_prune
+    from tasks.workspace import RunRef
+    from tyr_core import artifacts as keys
+
+    index = json.loads((run_dir / keys.supernet_index_key(2)).read_text())
+    entry = index["copies"][-1]
+    ref = RunRef(run_id="t1", store_url=url)
+    assert local_prune.fn(ref, 2, entry["layer"], entry["kind"], entry["level"]) == entry
+
     before = _manifests(run_dir)
     again = tyr(preset="tiny-test", run_id="t1", store_url=url)
     assert _manifests(run_dir) == before  # nothing committed twice
