@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from tyr_core.errors import CalibrationError, MissingArtefactError, SearchError
 from tyr_core.fitness import TeacherTopK, make_kl_evaluator, topk_kl, write_teacher_topk
@@ -172,16 +173,7 @@ def test_teacher_errors_name_what_is_wrong(table, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama")
 
 
 def _head_pruner(model: LlamaForCausalLM):
