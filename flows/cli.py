@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -396,6 +395,7 @@ def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> Prepar
         store = location.run(run_id)
         check_store(store)
         check_same_config(store, config, run_id)
+    check_not_running(store, run_id)
     return PreparedRun(preset, list(args.set), config, run_id, location, store)
 
 
@@ -419,6 +419,17 @@ def check_same_config(store, config, run_id: str) -> None:
             "--set values, or choose a new --run-id"
         )
     err_console.print(f"resuming run [bold]{run_id}[/bold]: committed work is not recomputed")
+
+
+def check_not_running(store, run_id: str) -> None:
+    """A second ``tyr prune`` of a run that another live process drives is refused before it starts (exit 1); the
+    flow's own lock (tasks.runs) settles races that slip past this check."""
+    lock = lock_holder(store)
+    if lock is not None:
+        raise RunLockedError(
+            f"run {run_id!r} is being driven by another process (host {lock.get('host')}, pid {lock.get('pid')}, "
+            f"flow run {lock.get('flow_run_id')}); wait for it to finish or stop it first. Nothing was changed"
+        )
 
 
 def check_model(config) -> None:
@@ -633,19 +644,13 @@ def _size_or_zero(store, key: str) -> int:
 
 def lock_holder(store) -> dict | None:
     """The live holder of the run's lock, or None when there is no lock or its holder is gone."""
-    from tasks.runs import LOCK_TTL_S
+    from tasks.runs import lock_is_abandoned
 
     try:
         lock = json.loads(store.get_bytes(keys.LOCK_KEY))
     except (TyrError, ValueError):  # no lock (or released while we read it)
         return None
-    if lock.get("host") == socket.gethostname():
-        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError, TypeError):
-            os.kill(int(lock["pid"]), 0)  # signal 0: is that process alive?
-            return lock
-        return None
-    # Another host: trust the lock for as long as tasks.runs would before taking it over.
-    return lock if time.time() - float(lock.get("time", 0)) <= LOCK_TTL_S else None
+    return None if lock_is_abandoned(lock) else lock
 
 
 def run_summary(store, run_id: str, detail: bool = False) -> dict:

@@ -69,7 +69,8 @@ def _holder() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": flow_run_id, "time": time.time()}
 
 
-def _abandoned(lock: dict) -> bool:
+def lock_is_abandoned(lock: dict) -> bool:
+    """The lock's holder is gone: a dead process on this host, or no refresh for ``LOCK_TTL_S`` on another."""
     if lock.get("host") == socket.gethostname():
         try:
             os.kill(int(lock["pid"]), 0)
@@ -92,7 +93,7 @@ def acquire_lock(store: Store, run_id: str) -> None:
         except Exception:  # released between our create and our read
             continue
         same_flow_run = me["flow_run_id"] is not None and lock.get("flow_run_id") == me["flow_run_id"]
-        if same_flow_run or (lock.get("host"), lock.get("pid")) == (me["host"], me["pid"]) or _abandoned(lock):
+        if same_flow_run or (lock.get("host"), lock.get("pid")) == (me["host"], me["pid"]) or lock_is_abandoned(lock):
             store.delete(keys.LOCK_KEY)
             continue
         raise RunLockedError(

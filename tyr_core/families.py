@@ -203,7 +203,21 @@ def _convert_gguf(path: Path, cache: Path) -> Path:
 
 
 def load_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    """The model's config; custom code in the folder (``auto_map``) runs only when the user asked for it.
+
+    Raises:
+        UnsupportedModelError: the config needs the folder's own code and ``trust_remote_code`` is off, or the
+            model is not of a supported family.
+    """
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise UnsupportedModelError(
+            f"model {folder} ships its own code (auto_map in config.json), which tyr does not run unless asked: "
+            "inspect it, and if you trust it set model.trust_remote_code=true"
+        ) from None
     geometry(config)
     return config
 

@@ -1,0 +1,89 @@
+"""Safety rules that hold across the code base: input models never run their own code unless asked, nothing is
+unpickled, and a second ``tyr prune`` of a run that another live process drives is refused without touching it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tyr_core import artifacts as keys
+from tyr_core.errors import UnsupportedModelError
+from tyr_core.families import load_config
+from tyr_core.store import FileStore
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ("tyr_core", "tasks", "flows", "bench")
+
+
+def _folder_with_custom_code(root: Path) -> Path:
+    """A model folder whose config needs its own Python file; importing that file leaves a marker behind."""
+    root.mkdir()
+    config = {"model_type": "custom-evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}, "architectures": ["Evil"]}
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "evil.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('custom code ran')\n"
+        "from transformers import PretrainedConfig\n\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'custom-evil'\n"
+    )
+    return root
+
+
+def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path):
+    folder = _folder_with_custom_code(tmp_path / "model")
+    with pytest.raises(UnsupportedModelError, match=r"ships its own code.*model\.trust_remote_code=true"):
+        load_config(folder)
+    assert not (folder / "RAN").exists()
+
+
+def test_no_shipped_code_unpickles():
+    """safetensors only: no torch.load, pickle or numpy pickles in anything a user runs (tests may build inputs)."""
+    banned = re.compile(
+        r"\btorch\.load\(|\bpickle\.loads?\(|\bcloudpickle\b|allow_pickle\s*=\s*True|weights_only\s*=\s*False"
+    )
+    hits = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for folder in SHIPPED
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if banned.search(line)
+    ]
+    assert hits == []
+
+
+def test_no_shipped_code_trusts_remote_code_by_default():
+    """No call passes ``trust_remote_code=True`` as a literal: it is always the user's setting, passed through."""
+    hits = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for folder in SHIPPED
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        for kw in node.keywords
+        if kw.arg == "trust_remote_code" and isinstance(kw.value, ast.Constant) and kw.value.value is True
+    ]
+    assert hits == []
+
+
+def test_a_second_prune_of_a_live_run_is_refused_and_changes_nothing(tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        run = FileStore(tmp_path / "store" / "runs" / "busy")
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "flow_run_id": "f-1", "time": 0}
+        run.put_bytes(keys.LOCK_KEY, json.dumps(lock).encode())
+        before = {p: p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file()}
+        argv = ["prune", "tiny-test", "--run-id", "busy", "--store", f"file://{tmp_path / 'store'}"]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 1 and "is being driven by another process" in err and f"pid {holder.pid}" in err
+        assert {p: p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
