@@ -7,13 +7,15 @@ export -> evaluate. Every step commits to the store, so a retried or resumed run
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from tasks.finish import evaluate, evaluate_baselines, export
+from tasks.finish import evaluate, evaluate_baselines, export, summarize
+from tasks.reports import start_progress, update_progress
 from tasks.runs import open_run, release_run
 from tasks.steps import (
     accumulate,
@@ -40,8 +42,10 @@ def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: boo
     grid = plan(ref, iteration)
     if not committed:
         build_supernet(ref, iteration, grid)
+    progress = start_progress(ref.run_id, iteration, generations)
     for generation in range(1, generations + 1):
         search_generation(ref, iteration, generation)
+        update_progress(progress, generation, generations)
     return recentre_interval(ref, iteration, generations)
 
 
@@ -76,6 +80,7 @@ def tyr(
     overrides: list[str] | None = None,
 ) -> dict:
     """Prune a model with Týr-the-Pruner; ``preset`` plus flat overrides define the run (saved as run.json)."""
+    started = time.perf_counter()
     log = get_run_logger()
     config = resolve_config(preset, target_sparsity, iterations, generations, offspring, overrides)
     ref = open_run(config, run_id, store_url, endpoint_url)
@@ -92,6 +97,7 @@ def tyr(
             log.info("iteration %d: fitness %s", it, result["fitness"])
         exports = [export_format(ref, last, fmt) for fmt in config.export.formats]
         report = evaluate(ref, last)
+        summarize(ref, report, time.perf_counter() - started)
         return {
             "run_id": ref.run_id,
             "store_url": ref.store_url,

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tyr_core import artifacts as keys
 from tyr_core.evaluate import perplexity
@@ -14,6 +15,7 @@ from tyr_core.params import dense_params, layout_params
 from tyr_core.pipeline import apply_layout, magnitude_layout
 from tyr_core.store import commit_bytes, commit_file, is_committed, read_json
 
+from .reports import publish_markdown, summary_markdown
 from .steps import IO_RETRIES, _artefact_cache_key
 from .workspace import RunRef, dumps, workspace
 
@@ -93,3 +95,12 @@ def _tokenizer(ws):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ws.model.folder)
+
+
+@task(name="summarize", cache_policy=NO_CACHE)
+def summarize(ref: RunRef, report: dict, wall_s: float) -> None:
+    """The final summary artifact: perplexities, parameters, time, and the sparsity plot of the compact export."""
+    ws = workspace(ref)
+    plot_key = keys.export_prefix("compact") + "sparsity_distribution.png"
+    plot = ws.fetch(plot_key).read_bytes() if is_committed(ws.store, plot_key) else None
+    publish_markdown(ref.run_id, "summary", summary_markdown(report, wall_s, plot), f"run {ref.run_id}: result")

@@ -26,6 +26,7 @@ from tyr_core.store import collect_garbage, commit_bytes, commit_file, is_commit
 from tyr_core.supernet import copy_bytes, index_entry
 
 from .assets import resolve_corpus
+from .reports import iteration_markdown, publish_markdown
 from .workspace import RunRef, dumps, workspace
 
 CODE_VERSION = "1"  # bump when a task's output for the same key changes meaning
@@ -259,7 +260,15 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
             "next_centres": recentre(subs, state.parent),
         }
         commit_bytes(ws.store, key, dumps(result), ws.config.artefact_hash())
-    return read_json(ws.store, key)
+    result = read_json(ws.store, key)
+    final = SearchState.model_validate_json(ws.store.get_bytes(keys.search_state_key(iteration, generations)))
+    publish_markdown(
+        ref.run_id,
+        f"iteration-{iteration}",
+        iteration_markdown(result, [h.model_dump() for h in final.history]),
+        f"run {ref.run_id}, iteration {iteration}: per-layer sparsity and fitness",
+    )
+    return result
 
 
 @task(name="garbage-collect", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -45,6 +45,8 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     )
     assert any((run_dir / "iter-2" / "supernet").rglob("*.safetensors"))
 
+    _check_artifacts("t1", out["report"]["tyr_ppl"])
+
     # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
     from tasks.steps import local_prune
     from tasks.workspace import RunRef
@@ -62,3 +64,22 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     with pytest.raises(IncompatibleRunError, match="another configuration"):
         tyr(preset="tiny-test", run_id="t1", store_url=url, target_sparsity=0.25)
+
+
+def _check_artifacts(run_id: str, tyr_ppl: float) -> None:
+    """What a person sees in the UI: the summary, a table per iteration, and the search progress at 100%."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.reports import artifact_key
+
+    names = ["summary", "iteration-1", "iteration-2", "search-1", "search-2"]
+    wanted = {artifact_key(run_id, n): n for n in names}
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(wanted))))
+    latest = {wanted[a.key]: a for a in sorted(found, key=lambda a: a.created)}
+    assert set(latest) == set(names)
+    assert "tyr (searched)" in latest["summary"].data and f"{tyr_ppl:,.2f}" in latest["summary"].data
+    assert "data:image/png;base64," in latest["summary"].data
+    assert "| 0 |" in latest["iteration-2"].data and "| 1 |" in latest["iteration-2"].data
+    assert latest["search-1"].data == 100.0 and latest["search-2"].data == 100.0

@@ -1,0 +1,110 @@
+"""Prefect artifacts for people watching a run in the UI: search progress, one markdown table per iteration
+(per-layer sparsity, fitness per generation) and the final summary (perplexity, parameters, time, the sparsity
+plot). The markdown is built by pure functions; publishing never fails a run (artifacts are for reading, the
+store holds the results).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+log = logging.getLogger(__name__)
+
+
+def artifact_key(run_id: str, name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"tyr-{run_id}-{name}".lower()).strip("-")
+
+
+def _layers(sparsities: dict[str, float]) -> dict[int, dict[str, float]]:
+    """``{"model.layers.3.mlp": 0.5, ...}`` as ``{3: {"mlp": 0.5, ...}}``."""
+    layers: dict[int, dict[str, float]] = {}
+    for name, value in sparsities.items():
+        prefix, _, kind = name.rpartition(".")
+        layers.setdefault(int(prefix.rsplit(".", 1)[-1]), {})[kind] = value
+    return dict(sorted(layers.items()))
+
+
+def iteration_markdown(result: dict, history: list[dict]) -> str:
+    """One iteration's winner: per-layer attention and MLP sparsity, and the parent's fitness per generation."""
+    lines = [
+        f"# Iteration {result['iteration']}",
+        "",
+        f"Winner's fitness (top-k KL to the dense model, lower is better): **{result['fitness']:.5g}**",
+        "",
+        "| layer | attention sparsity | MLP sparsity |",
+        "|---:|---:|---:|",
+    ]
+    for layer, row in _layers(result["sparsities"]).items():
+        lines.append(f"| {layer} | {row.get('self_attn', 0.0):.1%} | {row.get('mlp', 0.0):.1%} |")
+    if history:
+        lines += ["", "| generation | fitness | offspring | evaluations |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"| {h['generation']} | {h['fitness']:.5g} | {h['candidates']} | {h['evaluations']} |" for h in history
+        ]
+    return "\n".join(lines)
+
+
+def _ppl(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
+
+
+def summary_markdown(report: dict, wall_s: float, plot_png: bytes | None = None) -> str:
+    """The run's result next to its baselines, what was removed, how long it took, and the sparsity plot."""
+    base = report["baselines"]
+    params = report["tyr_params"]
+    dense_total = base["dense_params"]["total"]
+    lines = [
+        "# tyr: result",
+        "",
+        "| model | held-out perplexity | parameters |",
+        "|---|---:|---:|",
+        f"| dense | {_ppl(base.get('dense_ppl'))} | {dense_total:,} |",
+        f"| magnitude, uniform | {_ppl(base.get('magnitude_ppl'))} | - |",
+        f"| Týr local pruner, uniform | {_ppl(base.get('uniform_ppl'))} | {base['uniform_params']['total']:,} |",
+        f"| **tyr (searched)** | **{_ppl(report.get('tyr_ppl'))}** | **{params['total']:,}** |",
+        "",
+        f"Removed {params['removed']:,} parameters ({params['removed_fraction']:.1%} of the decoder layers); "
+        f"{dense_total - params['total']:,} of {dense_total:,} in all. Iterations: {report['iteration']}. "
+        f"Wall time of this attempt: {wall_s / 60:.1f} min.",
+    ]
+    if plot_png:
+        encoded = base64.b64encode(plot_png).decode()
+        lines += ["", f"![per-layer sparsity](data:image/png;base64,{encoded})"]
+    return "\n".join(lines)
+
+
+def _publish(make: Callable[[], Any], what: str) -> Any:
+    try:
+        return make()
+    except Exception as err:  # the UI's view of the run; the run itself is in the store
+        log.warning("could not publish the %s artifact: %s", what, err)
+        return None
+
+
+def publish_markdown(run_id: str, name: str, markdown: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    key = artifact_key(run_id, name)
+    _publish(lambda: create_markdown_artifact(markdown, key=key, description=description), name)
+
+
+def start_progress(run_id: str, iteration: int, generations: int) -> UUID | None:
+    """A progress artifact for one iteration's search (0-100%), updated after every generation."""
+    from prefect.artifacts import create_progress_artifact
+
+    key = artifact_key(run_id, f"search-{iteration}")
+    description = f"iteration {iteration}: generations of the sparsity-shift search done, of {generations}"
+    return _publish(lambda: create_progress_artifact(0.0, key=key, description=description), "progress")
+
+
+def update_progress(artifact_id: UUID | None, done: int, total: int) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    if artifact_id is not None and total > 0:
+        _publish(lambda: update_progress_artifact(artifact_id, 100.0 * done / total), "progress")
