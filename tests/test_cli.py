@@ -273,7 +273,7 @@ def test_prefect_yaml_declares_the_four_deployments():
     expected = {
         "llama70b": "llama-3.1-70b-50",
         "llama8b": "llama-3.1-8b-50",
-        "smollm2-demo": "smollm2-50",
+        "smollm2-demo": "smollm2-demo",
         "tiny-test": "tiny-test",
     }
     assert {name: d["parameters"]["preset"] for name, d in deployments.items()} == expected
