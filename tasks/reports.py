@@ -30,12 +30,16 @@ def _layers(sparsities: dict[str, float]) -> dict[int, dict[str, float]]:
     return dict(sorted(layers.items()))
 
 
+def _fitness(value: float | None) -> str:
+    return "not scored (no generations)" if value is None else f"{value:.5g}"
+
+
 def iteration_markdown(result: dict, history: list[dict]) -> str:
     """One iteration's winner: per-layer attention and MLP sparsity, and the parent's fitness per generation."""
     lines = [
         f"# Iteration {result['iteration']}",
         "",
-        f"Winner's fitness (top-k KL to the dense model, lower is better): **{result['fitness']:.5g}**",
+        f"Winner's fitness (top-k KL to the dense model, lower is better): **{_fitness(result['fitness'])}**",
         "",
         "| layer | attention sparsity | MLP sparsity |",
         "|---:|---:|---:|",

@@ -250,7 +250,7 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
     ws = workspace(ref)
     key = keys.result_key(iteration)
     if not is_committed(ws.store, key):
-        state = SearchState.model_validate_json(ws.store.get_bytes(keys.search_state_key(iteration, generations)))
+        state = _previous_state(ws, iteration, generations + 1)  # the last generation's (the start if there were none)
         subs = ws.reader(iteration).sublayers
         result = {
             "iteration": iteration,
@@ -261,11 +261,11 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
         }
         commit_bytes(ws.store, key, dumps(result), ws.config.artefact_hash())
     result = read_json(ws.store, key)
-    final = SearchState.model_validate_json(ws.store.get_bytes(keys.search_state_key(iteration, generations)))
+    history = _previous_state(ws, iteration, generations + 1).history if generations else []
     publish_markdown(
         ref.run_id,
         f"iteration-{iteration}",
-        iteration_markdown(result, [h.model_dump() for h in final.history]),
+        iteration_markdown(result, [h.model_dump() for h in history]),
         f"run {ref.run_id}, iteration {iteration}: per-layer sparsity and fitness",
     )
     return result

@@ -47,3 +47,8 @@ def test_summary_shows_baselines_parameters_time_and_embeds_the_plot():
     assert "865,073.00" in md and "| Týr local pruner, uniform | 138.70 | 94,000,000 |" in md
     assert "Removed 40,000,000 parameters (50.0% of the decoder layers)" in md and "10.0 min" in md
     assert base64.b64encode(b"\x89PNG fake").decode() in md
+
+
+def test_an_iteration_without_generations_has_no_fitness_to_show():
+    result = {"iteration": 1, "fitness": None, "sparsities": {"model.layers.0.mlp": 0.5}}
+    assert "not scored" in iteration_markdown(result, [])
