@@ -803,14 +803,10 @@ def _sparsity_table(sparsities: dict[str, float], iteration: int | None) -> Tabl
     table = Table(title=f"per-sublayer sparsity (iteration {iteration})")
     for column in ("layer", "attention", "MLP"):
         table.add_column(column, justify="right")
-    layers: dict[str, dict[str, float]] = {}
-    for name, value in sparsities.items():
-        prefix, _, kind = name.rpartition(".")
-        layers.setdefault(prefix, {})[kind] = value
-    for prefix in sorted(layers, key=lambda p: int(p.rsplit(".", 1)[-1]) if p.rsplit(".", 1)[-1].isdigit() else 0):
-        row = layers[prefix]
-        cells = [f"{row[k]:.1%}" if k in row else "-" for k in ("self_attn", "mlp")]
-        table.add_row(prefix.rsplit(".", 1)[-1], *cells)
+    from tasks.reports import per_layer
+
+    for layer, row in per_layer(sparsities).items():
+        table.add_row(str(layer), *(f"{row[k]:.1%}" if k in row else "-" for k in ("self_attn", "mlp")))
     return table
 
 

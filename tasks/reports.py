@@ -21,7 +21,7 @@ def artifact_key(run_id: str, name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"tyr-{run_id}-{name}".lower()).strip("-")
 
 
-def _layers(sparsities: dict[str, float]) -> dict[int, dict[str, float]]:
+def per_layer(sparsities: dict[str, float]) -> dict[int, dict[str, float]]:
     """``{"model.layers.3.mlp": 0.5, ...}`` as ``{3: {"mlp": 0.5, ...}}``."""
     layers: dict[int, dict[str, float]] = {}
     for name, value in sparsities.items():
@@ -44,7 +44,7 @@ def iteration_markdown(result: dict, history: list[dict]) -> str:
         "| layer | attention sparsity | MLP sparsity |",
         "|---:|---:|---:|",
     ]
-    for layer, row in _layers(result["sparsities"]).items():
+    for layer, row in per_layer(result["sparsities"]).items():
         lines.append(f"| {layer} | {row.get('self_attn', 0.0):.1%} | {row.get('mlp', 0.0):.1%} |")
     if history:
         lines += ["", "| generation | fitness | offspring | evaluations |", "|---:|---:|---:|---:|"]
