@@ -39,7 +39,7 @@ from tyr_core.errors import ConfigError, IncompatibleRunError, RunLockedError, S
 err_console = Console(stderr=True, soft_wrap=True)  # progress, notes and errors: never wrapped mid-line
 out_console = Console(soft_wrap=True)  # tables and results for people
 
-DEMO_PRESET = "smollm2-demo"  # 1 iteration: fits the 20 minutes; smollm2-50 is the bench budget (~35 min)
+DEMO_PRESET = "smollm2-demo"  # 1 iteration: fits the 20 minutes; smollm2-50 is the bench budget (~29 min)
 DEMO_MINUTES = 20  # the README's promise on 2 cores
 EXPORT_FORMATS = ("compact", "masked", "nemotron-nas")
 POLL_SECONDS = 2.0

@@ -102,5 +102,9 @@ def summarize(ref: RunRef, report: dict, wall_s: float) -> None:
     """The final summary artifact: perplexities, parameters, time, and the sparsity plot of the compact export."""
     ws = workspace(ref)
     plot_key = keys.export_prefix("compact") + "sparsity_distribution.png"
-    plot = ws.fetch(plot_key).read_bytes() if is_committed(ws.store, plot_key) else None
-    publish_markdown(ref.run_id, "summary", summary_markdown(report, wall_s, plot), f"run {ref.run_id}: result")
+
+    def markdown() -> str:
+        plot = ws.fetch(plot_key).read_bytes() if is_committed(ws.store, plot_key) else None
+        return summary_markdown(report, wall_s, plot)
+
+    publish_markdown(ref.run_id, "summary", markdown, f"run {ref.run_id}: result")

@@ -91,11 +91,12 @@ def _publish(make: Callable[[], Any], what: str) -> Any:
         return None
 
 
-def publish_markdown(run_id: str, name: str, markdown: str, description: str) -> None:
+def publish_markdown(run_id: str, name: str, markdown: Callable[[], str], description: str) -> None:
+    """``markdown`` is built inside the guard: a report that cannot be built or read is logged, not raised."""
     from prefect.artifacts import create_markdown_artifact
 
     key = artifact_key(run_id, name)
-    _publish(lambda: create_markdown_artifact(markdown, key=key, description=description), name)
+    _publish(lambda: create_markdown_artifact(markdown(), key=key, description=description), name)
 
 
 def start_progress(run_id: str, iteration: int, generations: int) -> UUID | None:

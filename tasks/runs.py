@@ -74,7 +74,7 @@ def lock_is_abandoned(lock: dict) -> bool:
     if lock.get("host") == socket.gethostname():
         try:
             os.kill(int(lock["pid"]), 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, KeyError, ValueError, TypeError):  # gone, or a lock that names no process
             return True
         except PermissionError:
             return False

@@ -265,7 +265,7 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
     publish_markdown(
         ref.run_id,
         f"iteration-{iteration}",
-        iteration_markdown(result, [h.model_dump() for h in history]),
+        lambda: iteration_markdown(result, [h.model_dump() for h in history]),
         f"run {ref.run_id}, iteration {iteration}: per-layer sparsity and fitness",
     )
     return result
