@@ -1,23 +1,37 @@
-"""Orchestration costs on the tiny preset: the flow (Prefect + store commits) vs the plain core functions, the
-resume cost of a run whose work is all committed, and store throughput to a real SeaweedFS.
+"""Orchestration costs on the tiny preset, against a real ``prefect server`` on loopback:
+
+- overhead: the flow (Prefect tasks, subflows, store commits, artifacts) vs the same work done with the plain core
+  functions (calibration, teacher, iterations, baselines, exports, final evaluation);
+- resume cost: a run killed (SIGKILL) in iteration 2's search is started again under the same run id; seconds
+  from that call to the start of the first task that does new work, and how many task runs came back ``Cached``;
+- store throughput to a real SeaweedFS.
 
 Prints JSON lines.  python bench/orchestration.py
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tyr-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 20 s is short on a busy host
+# a search long enough that the kill lands inside iteration 2's search, with generations left to run
+RESUME_OVERRIDES = ["search.generations=6"]
 
 
 def emit(**fields) -> None:
@@ -25,15 +39,27 @@ def emit(**fields) -> None:
 
 
 def core_seconds() -> float:
-    """calibrate + teacher + every iteration with plain core functions (no Prefect, no store)."""
+    """The flow's work with plain core functions (no Prefect, no store): calibration and held-out windows,
+    teacher, every iteration, the baselines, the exports and the final evaluation, in the flow's order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flows.presets import resolve_config
     from tasks.assets import resolve_corpus
+    from tyr_core.calibration import eval_windows, load_documents
+    from tyr_core.evaluate import perplexity
+    from tyr_core.export import save_compact, save_masked, write_sparsity_report
     from tyr_core.families import resolve_model
     from tyr_core.fitness import TeacherTopK, write_teacher_topk
     from tyr_core.layerwise import LayerwiseModel
-    from tyr_core.pipeline import calibration_windows, initial_centres, run_iteration_local
+    from tyr_core.params import dense_params, layout_params
+    from tyr_core.pipeline import (
+        apply_layout,
+        calibration_windows,
+        initial_centres,
+        magnitude_layout,
+        run_iteration_local,
+    )
+    from tyr_core.supernet import SupernetReader
 
     t0 = time.perf_counter()
     cfg = resolve_config("tiny-test")
@@ -41,14 +67,41 @@ def core_seconds() -> float:
     tok = AutoTokenizer.from_pretrained(folder)
     cal = cfg.calibration.model_copy(update={"files": resolve_corpus(cfg.calibration.files)})
     windows = calibration_windows(cal, tok)
-    dense = AutoModelForCausalLM.from_pretrained(folder).eval()
+    heldout = eval_windows(tok, load_documents(resolve_corpus(cfg.eval.files)), cfg.eval.seq_len)
+    heldout = heldout[: cfg.eval.max_windows]
+    lm = LayerwiseModel(folder)
+    geo = lm.geometry
+
+    def dense():
+        return AutoModelForCausalLM.from_pretrained(folder).eval()
+
     work = Path(tempfile.mkdtemp())
+    model = dense()
     write_teacher_topk(
-        lambda ids: dense(ids).logits, windows, cfg.teacher.topk, work / "t", cfg.teacher.windows_per_shard
+        lambda ids: model(ids).logits, windows, cfg.teacher.topk, work / "t", cfg.teacher.windows_per_shard
     )
-    centres = initial_centres(LayerwiseModel(folder).geometry, cfg.prune)
+    centres = initial_centres(geo, cfg.prune)
     for it in range(1, cfg.prune.iterations + 1):
-        centres = run_iteration_local(folder, windows, TeacherTopK(work / "t"), cfg, it, centres, work).next_centres
+        res = run_iteration_local(folder, windows, TeacherTopK(work / "t"), cfg, it, centres, work)
+        centres = res.next_centres
+        if it == 1:  # the flow's evaluate-baselines
+            reader = SupernetReader(work / "iter-1")
+            model = dense()
+            report = {"dense_ppl": perplexity(model, heldout), "dense_params": dense_params(lm.config)}
+            apply_layout(model, uniform := reader.layout([0] * len(reader.sublayers)), geo)
+            report |= {"uniform_ppl": perplexity(model, heldout), "uniform_params": layout_params(lm.config, uniform)}
+            model = dense()
+            apply_layout(model, magnitude_layout(model, geo, reader.sublayers), geo)
+            report["magnitude_ppl"] = perplexity(model, heldout)
+    layout = SupernetReader(work / f"iter-{cfg.prune.iterations}").layout(res.levels)
+    exporters = {"compact": save_compact, "masked": save_masked}
+    for fmt in cfg.export.formats:
+        exporters[fmt](dense(), layout, work / fmt, tokenizer=tok)
+        if cfg.export.plot:
+            write_sparsity_report(lm.config, layout, work / fmt)
+    model = dense()
+    apply_layout(model, layout, geo)
+    report |= {"tyr_ppl": perplexity(model, heldout), "tyr_params": layout_params(lm.config, layout)}
     return time.perf_counter() - t0
 
 
@@ -86,13 +139,106 @@ def store_throughput() -> dict:
     return {"mb": round(mb), "write_mb_s": round(mb / write_s, 1), "read_mb_s": round(mb / read_s, 1)}
 
 
+@contextlib.contextmanager
+def prefect_server():
+    """A real ``prefect server start`` on a free loopback port; this process and its children use it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api = httpx.Client(base_url=os.environ["PREFECT_API_URL"], timeout=30)
+    try:
+        for _ in range(240):
+            with contextlib.suppress(httpx.HTTPError):
+                if api.get("/health").status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield api
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def kill_during_search(store: str, run_id: str) -> None:
+    """Run the flow in a child process and SIGKILL it once iteration 2's first generation is committed."""
+    from tasks.storage import run_store
+    from tyr_core import artifacts as keys
+    from tyr_core.store import is_committed
+
+    code = (
+        "from flows.tyr import tyr; "
+        f"tyr(preset='tiny-test', run_id={run_id!r}, store_url={store!r}, overrides={RESUME_OVERRIDES!r})"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    target = keys.search_state_key(2, 1)
+    deadline = time.monotonic() + 600
+    while not is_committed(run_store(store, run_id), target):
+        if child.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the run to kill ended (rc {child.returncode}) before {target} was committed")
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def task_runs(api: httpx.Client, flow_run_id: str) -> list[dict]:
+    """Task runs of a flow run and of its iteration subflows, paged."""
+    body = {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}}
+    runs = [flow_run_id, *(child["id"] for child in api.post("/flow_runs/filter", json=body).json())]
+    found: list[dict] = []
+    while True:
+        body = {"flow_runs": {"id": {"any_": runs}}, "sort": "EXPECTED_START_TIME_ASC", "offset": len(found)}
+        page = api.post("/task_runs/filter", json={**body, "limit": 200}).json()
+        found += page
+        if len(page) < 200:
+            return found
+
+
+# task runs that are not new work: bookkeeping that runs on every resume by design (it commits nothing new), and
+# the task run Prefect creates to stand for a subflow
+NOT_NEW_WORK = ("garbage-collect", "summarize", "tyr-iteration")
+
+
+def resume_cost(api: httpx.Client, store: str) -> dict:
+    """Seconds from starting the killed run again (same run id, new flow run) to its first task doing new work."""
+    from flows.tyr import tyr
+
+    run_id = "resume"
+    kill_during_search(store, run_id)
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    state = tyr(preset="tiny-test", run_id=run_id, store_url=store, overrides=RESUME_OVERRIDES, return_state=True)
+    total = time.perf_counter() - t0
+    runs = task_runs(api, str(state.state_details.flow_run_id))
+    new = [r for r in runs if r["state_name"] == "Completed" and not r["name"].startswith(NOT_NEW_WORK)]
+    first = min(new, key=lambda r: r["start_time"])
+    first_start = datetime.fromisoformat(first["start_time"].replace("Z", "+00:00"))
+    return {
+        "seconds_to_first_new_task": round((first_start - started).total_seconds(), 2),
+        "first_new_task": first["name"],
+        "resume_total_s": round(total, 1),
+        "task_runs_cached": sum(r["state_name"] == "Cached" for r in runs),
+        "task_runs_new": len(new),
+        "new_tasks": sorted({r["name"].rsplit("-", 1)[0] for r in new}),
+    }
+
+
 def main() -> None:
     store = f"file://{tempfile.mkdtemp(prefix='tyr-store-')}"
-    flow_seconds(store, "warmup")  # the local Prefect server, model conversion and texts are ready afterwards
-    core = core_seconds()
-    flow = flow_seconds(store, "measured")
-    emit(metric="orchestration_overhead", core_s=round(core, 1), flow_s=round(flow, 1), ratio=round(flow / core, 2))
-    emit(metric="resume_committed_run", seconds=round(flow_seconds(store, "measured"), 1))
+    with prefect_server() as api:
+        flow_seconds(store, "warmup")  # model conversion and texts are ready afterwards
+        core = core_seconds()
+        flow = flow_seconds(store, "measured")
+        emit(metric="orchestration_overhead", core_s=round(core, 1), flow_s=round(flow, 1), ratio=round(flow / core, 2))
+        emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured"), 1))
+        emit(metric="resume_after_kill", **resume_cost(api, store))
     emit(metric="store_throughput_seaweedfs", **store_throughput())
 
 

@@ -81,7 +81,7 @@ def export(ref: RunRef, iteration: int, fmt: str) -> dict:
         layout = final_layout(ws, iteration)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / fmt
-            EXPORTERS[fmt](ws.dense_model(), layout, out, tokenizer=_tokenizer(ws))
+            EXPORTERS[fmt](ws.dense_model(), layout, out, tokenizer=ws.tokenizer())
             if ws.config.export.plot:
                 write_sparsity_report(ws.model.config, layout, out)
             files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
@@ -89,12 +89,6 @@ def export(ref: RunRef, iteration: int, fmt: str) -> dict:
                 commit_file(ws.store, prefix + name, out / name, ws.config.artefact_hash())
         commit_bytes(ws.store, marker, dumps({"files": files}), ws.config.artefact_hash())
     return {"format": fmt, "prefix": prefix, "files": read_json(ws.store, marker)["files"]}
-
-
-def _tokenizer(ws):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ws.model.folder)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

@@ -73,15 +73,9 @@ def calibrate(ref: RunRef) -> dict:
     return {"key": keys.calibration_key(), "windows": list(ws.calibration().shape)}
 
 
-def _tokenizer(ws):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ws.model.folder)
-
-
 def _calibration(ws) -> torch.Tensor:
     cfg = ws.config.calibration
-    return calibration_windows(cfg.model_copy(update={"files": resolve_corpus(cfg.files)}), _tokenizer(ws))
+    return calibration_windows(cfg.model_copy(update={"files": resolve_corpus(cfg.files)}), ws.tokenizer())
 
 
 def _heldout(ws) -> torch.Tensor:
@@ -89,7 +83,7 @@ def _heldout(ws) -> torch.Tensor:
 
     ev = ws.config.eval
     docs = load_documents(resolve_corpus(ev.files), ev.dataset, ev.dataset_config, ev.split, ev.text_field)
-    return eval_windows(_tokenizer(ws), docs, ev.seq_len)[: ev.max_windows]
+    return eval_windows(ws.tokenizer(), docs, ev.seq_len)[: ev.max_windows]
 
 
 @task(name="teacher", cache_key_fn=_artefact_cache_key(lambda p: keys.teacher_index_key()), **IO_RETRIES)

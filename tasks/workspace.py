@@ -48,6 +48,7 @@ class Workspace:
     _model: LayerwiseModel | None = None
     _cursors: dict[int, LayerCursor] = field(default_factory=dict)
     _search: dict[int, tuple[SupernetModel, PrefixForward]] = field(default_factory=dict)
+    _tokenizer: object | None = None
 
     _fetched: set[str] = field(default_factory=set)
 
@@ -75,6 +76,15 @@ class Workspace:
                 dtype = getattr(torch, self.config.model.dtype)
                 self._model = LayerwiseModel(folder, dtype, self.config.model.trust_remote_code)
             return self._model
+
+    def tokenizer(self):
+        """The model's tokenizer, loaded once per process (calibrate and every export need it; a load is ~1 s)."""
+        with self.lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model.folder)
+            return self._tokenizer
 
     def calibration(self) -> torch.Tensor:
         return load_file(self.fetch(keys.calibration_key()))["windows"]
