@@ -32,6 +32,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tyr-prefect-"))
 # a search long enough that the kill lands inside iteration 2's search, with generations left to run
 RESUME_OVERRIDES = ["search.generations=6"]
+REPEATS = 3
 
 
 def emit(**fields) -> None:
@@ -78,7 +79,11 @@ def core_seconds() -> float:
     work = Path(tempfile.mkdtemp())
     model = dense()
     write_teacher_topk(
-        lambda ids: model(ids).logits, windows, cfg.teacher.topk, work / "t", cfg.teacher.windows_per_shard
+        lambda ids: model(ids).logits,
+        windows[: cfg.teacher.max_windows],
+        cfg.teacher.topk,
+        work / "t",
+        cfg.teacher.windows_per_shard,
     )
     centres = initial_centres(geo, cfg.prune)
     for it in range(1, cfg.prune.iterations + 1):
@@ -234,10 +239,22 @@ def main() -> None:
     store = f"file://{tempfile.mkdtemp(prefix='tyr-store-')}"
     with prefect_server() as api:
         flow_seconds(store, "warmup")  # model conversion and texts are ready afterwards
-        core = core_seconds()
-        flow = flow_seconds(store, "measured")
-        emit(metric="orchestration_overhead", core_s=round(core, 1), flow_s=round(flow, 1), ratio=round(flow / core, 2))
-        emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured"), 1))
+        # alternated and repeated, best of each: a run is seconds long and the host's noise is not the flow's cost
+        flows, cores = [], []
+        for r in range(REPEATS):
+            flows.append(flow_seconds(store, f"measured-{r}"))
+            cores.append(core_seconds())
+        core, flow = min(cores), min(flows)
+        emit(
+            metric="orchestration_overhead",
+            core_s=round(core, 1),
+            flow_s=round(flow, 1),
+            ratio=round(flow / core, 2),
+            overhead_s=round(flow - core, 1),
+            all_core_s=[round(t, 1) for t in cores],
+            all_flow_s=[round(t, 1) for t in flows],
+        )
+        emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured-0"), 1))
         emit(metric="resume_after_kill", **resume_cost(api, store))
     emit(metric="store_throughput_seaweedfs", **store_throughput())
 

@@ -97,7 +97,7 @@ def teacher(ref: RunRef) -> dict:
         out = Path(tmp)
         index = write_teacher_topk(
             lambda ids: dense(ids).logits,
-            ws.calibration(),
+            ws.calibration()[: ws.config.teacher.max_windows],  # the windows the search scores on (None: all)
             ws.config.teacher.topk,
             out,
             ws.config.teacher.windows_per_shard,
