@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import time
+import uuid
 
 from tyr_core import artifacts as keys
 from tyr_core.config import RunConfig
@@ -47,7 +48,14 @@ def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpo
 
 
 def _check_or_commit_config(store: Store, config: RunConfig, run_id: str) -> None:
-    body = {"run_id": run_id, "config": config.model_dump(mode="json"), "artefact_hash": config.artefact_hash()}
+    body = {
+        "run_id": run_id,
+        "config": config.model_dump(mode="json"),
+        "artefact_hash": config.artefact_hash(),
+        # names this incarnation of the run: task cache keys include it, so a run deleted and redone under the same
+        # id never gets Prefect results cached for the old one (whose artefacts are gone)
+        "incarnation": uuid.uuid4().hex,
+    }
     if is_committed(store, keys.RUN_CONFIG):
         saved = read_json(store, keys.RUN_CONFIG)
         if saved["artefact_hash"] != config.artefact_hash():

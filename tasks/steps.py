@@ -27,7 +27,7 @@ from tyr_core.supernet import copy_bytes, index_entry
 
 from .assets import resolve_corpus
 from .reports import iteration_markdown, publish_markdown
-from .workspace import RunRef, dumps, workspace
+from .workspace import RunRef, cache_scope, dumps, workspace
 
 CODE_VERSION = "1"  # bump when a task's output for the same key changes meaning
 
@@ -46,11 +46,11 @@ IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_jitter_facto
 
 
 def _artefact_cache_key(key_fn):
-    """Cache key = run id + artefact key: stable across Retry of the same flow run and across new flow runs."""
+    """Cache key = run (id, store, incarnation) + artefact key: stable across Retry of the same flow run and across
+    new flow runs of the run, never shared with another store's run of that id or a deleted run's."""
 
     def cache_key(_context, params) -> str:
-        ref: RunRef = params["ref"]
-        return f"tyr-{CODE_VERSION}-{ref.run_id}-{key_fn(params)}".replace("/", "_")
+        return f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{key_fn(params)}".replace("/", "_")
 
     return cache_key
 

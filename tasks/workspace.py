@@ -44,6 +44,7 @@ class Workspace:
     store: Store
     config: RunConfig
     cache: Path
+    incarnation: str = ""  # run.json's id of this incarnation of the run ("" for runs created before it existed)
     lock: threading.RLock = field(default_factory=threading.RLock)
     _model: LayerwiseModel | None = None
     _cursors: dict[int, LayerCursor] = field(default_factory=dict)
@@ -141,11 +142,21 @@ def workspace(ref: RunRef) -> Workspace:
     with _GUARD:
         if ref not in _WORKSPACES:
             store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
-            config = load_run_config(read_json(store, keys.RUN_CONFIG)["config"], origin=keys.RUN_CONFIG)
+            saved = read_json(store, keys.RUN_CONFIG)
+            config = load_run_config(saved["config"], origin=keys.RUN_CONFIG)
             cache = default_cache_dir() / "runs" / _location_tag(ref) / ref.run_id
             cache.mkdir(parents=True, exist_ok=True)
-            _WORKSPACES[ref] = Workspace(ref, store, config, cache)
+            _WORKSPACES[ref] = Workspace(ref, store, config, cache, saved.get("incarnation", ""))
         return _WORKSPACES[ref]
+
+
+def cache_scope(ref: RunRef) -> str:
+    """What a task's cached Prefect result is valid for: this run id, in this store, in this incarnation of the run.
+
+    Prefect's result cache outlives the store's contents: keyed by run id alone, the same id in another store, or a
+    run deleted and redone, came back ``Cached`` without committing anything, and the next task found nothing.
+    """
+    return f"{ref.run_id}-{_location_tag(ref)}-{workspace(ref).incarnation[:12]}"
 
 
 def _location_tag(ref: RunRef) -> str:

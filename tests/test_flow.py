@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -64,6 +65,16 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     with pytest.raises(IncompatibleRunError, match="another configuration"):
         tyr(preset="tiny-test", run_id="t1", store_url=url, target_sparsity=0.25)
+
+    # Prefect's cached results belong to one store and one incarnation of the run: the same run id in another
+    # store, or the run deleted and redone, computes and commits its own artefacts (it used to come back Cached
+    # with nothing committed, and the next task failed on the missing plan)
+    other = tmp_path / "other"
+    elsewhere = tyr(preset="tiny-test", run_id="t1", store_url=f"file://{other}")
+    assert (other / "runs" / "t1" / "iter-1" / "plan.json").is_file() and elsewhere["result"] == out["result"]
+    shutil.rmtree(run_dir)
+    redone = tyr(preset="tiny-test", run_id="t1", store_url=url)
+    assert (run_dir / "iter-2" / "result.json").is_file() and redone["result"] == out["result"]
 
 
 def _check_artifacts(run_id: str, tyr_ppl: float) -> None:
