@@ -1,7 +1,8 @@
 """Orchestration costs on the tiny preset, against a real ``prefect server`` on loopback:
 
 - overhead: the flow (Prefect tasks, subflows, store commits, artifacts) vs the same work done with the plain core
-  functions (calibration, teacher, iterations, baselines, exports, final evaluation);
+  functions (calibration, teacher, iterations, baselines, exports, final evaluation), best and median of alternated
+  repeats, and the CPU the server spent per flow run (it shares this host's cores here);
 - resume cost: a run killed (SIGKILL) in iteration 2's search is started again under the same run id; seconds
   from that call to the start of the first task that does new work, and how many task runs came back ``Cached``;
 - store throughput to a real SeaweedFS.
@@ -17,6 +18,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tyr-prefect-"))
 # a search long enough that the kill lands inside iteration 2's search, with generations left to run
 RESUME_OVERRIDES = ["search.generations=6"]
-REPEATS = 3
+REPEATS = 5
 
 
 def emit(**fields) -> None:
@@ -144,6 +146,17 @@ def store_throughput() -> dict:
     return {"mb": round(mb), "write_mb_s": round(mb / write_s, 1), "read_mb_s": round(mb / read_s, 1)}
 
 
+def cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group (the Prefect server)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ..., utime (11), stime (12)
+                total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def prefect_server():
     """A real ``prefect server start`` on a free loopback port; this process and its children use it."""
@@ -164,6 +177,7 @@ def prefect_server():
                 if api.get("/health").status_code == 200:
                     break
             time.sleep(0.5)
+        api.server_pid = server.pid
         yield api
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -240,9 +254,11 @@ def main() -> None:
     with prefect_server() as api:
         flow_seconds(store, "warmup")  # model conversion and texts are ready afterwards
         # alternated and repeated, best of each: a run is seconds long and the host's noise is not the flow's cost
-        flows, cores = [], []
+        flows, cores, server_cpu = [], [], []
         for r in range(REPEATS):
+            before = cpu_seconds(api.server_pid)
             flows.append(flow_seconds(store, f"measured-{r}"))
+            server_cpu.append(cpu_seconds(api.server_pid) - before)
             cores.append(core_seconds())
         core, flow = min(cores), min(flows)
         emit(
@@ -251,8 +267,11 @@ def main() -> None:
             flow_s=round(flow, 1),
             ratio=round(flow / core, 2),
             overhead_s=round(flow - core, 1),
+            median_ratio=round(statistics.median(flows) / statistics.median(cores), 2),
             all_core_s=[round(t, 1) for t in cores],
             all_flow_s=[round(t, 1) for t in flows],
+            # the server shares these 2 cores here; in a deployment it runs on another host
+            server_cpu_s_per_flow_run=round(statistics.median(server_cpu), 1),
         )
         emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured-0"), 1))
         emit(metric="resume_after_kill", **resume_cost(api, store))

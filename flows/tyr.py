@@ -11,6 +11,7 @@ import time
 from typing import Annotated
 
 from prefect import flow, get_run_logger
+from prefect.settings import temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
@@ -56,12 +57,12 @@ def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
     for layer in layers:
         subs = [s for s in grid["sublayers"] if s["layer"] == layer]
         layer_stats(ref, iteration, layer)
+        levels = sorted({lv for s in subs for lv in range(s["lo"], s["hi"] + 1)})
         futures = [
-            local_prune.submit(ref, iteration, layer, s["kind"], level)
-            for s in subs
-            for level in range(s["lo"], s["hi"] + 1)
+            local_prune.submit(ref, iteration, layer, level, [s["kind"] for s in subs if s["lo"] <= level <= s["hi"]])
+            for level in levels
         ]
-        entries += [f.result() for f in futures]
+        entries += [entry for f in futures for entry in f.result()]
         if layer != layers[-1]:
             accumulate(ref, iteration, layer)
     return supernet_index(ref, iteration, entries)
@@ -117,7 +118,12 @@ def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
     if is_committed(store, keys.result_key(iteration)):
         return recentre_interval(ref, iteration, generations)
     committed = is_committed(store, keys.supernet_index_key(iteration))
-    return iteration_flow(ref, iteration, generations, committed)
+    # No heartbeats of its own: the subflow runs in this process and thread, so the run's heartbeat already says
+    # whether it is alive, and Prefect ends each heartbeat thread by joining it through a 1 s sleep (0.5 s per
+    # subflow on average, measured by bench/orchestration.py). After a node dies, zombie detection marks the run
+    # Crashed; the subflow, like every task run, shows its last state until the run is retried and continues it.
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        return iteration_flow(ref, iteration, generations, committed)
 
 
 def export_format(ref: RunRef, iteration: int, fmt: str) -> dict:

@@ -50,6 +50,7 @@ class Workspace:
     _cursors: dict[int, LayerCursor] = field(default_factory=dict)
     _search: dict[int, tuple[SupernetModel, PrefixForward]] = field(default_factory=dict)
     _tokenizer: object | None = None
+    _plans: dict[int, dict] = field(default_factory=dict)
 
     _fetched: set[str] = field(default_factory=set)
 
@@ -86,6 +87,14 @@ class Workspace:
 
                 self._tokenizer = AutoTokenizer.from_pretrained(self.model.folder)
             return self._tokenizer
+
+    def plan(self, iteration: int) -> dict:
+        """An iteration's committed plan, read once per process (it never changes once committed; every local-prune,
+        layer-stats and accumulate task of the iteration needs it)."""
+        with self.lock:
+            if iteration not in self._plans:
+                self._plans[iteration] = read_json(self.store, keys.plan_key(iteration))
+            return self._plans[iteration]
 
     def calibration(self) -> torch.Tensor:
         return load_file(self.fetch(keys.calibration_key()))["windows"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -47,6 +48,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     assert any((run_dir / "iter-2" / "supernet").rglob("*.safetensors"))
 
     _check_artifacts("t1", out["report"]["tyr_ppl"])
+    _check_heartbeats()
 
     # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
     from tasks.steps import local_prune
@@ -56,7 +58,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     index = json.loads((run_dir / keys.supernet_index_key(2)).read_text())
     entry = index["copies"][-1]
     ref = RunRef(run_id="t1", store_url=url)
-    assert local_prune.fn(ref, 2, entry["layer"], entry["kind"], entry["level"]) == entry
+    assert local_prune.fn(ref, 2, entry["layer"], entry["level"], [entry["kind"]]) == [entry]
 
     before = _manifests(run_dir)
     again = tyr(preset="tiny-test", run_id="t1", store_url=url)
@@ -75,6 +77,21 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     shutil.rmtree(run_dir)
     redone = tyr(preset="tiny-test", run_id="t1", store_url=url)
     assert (run_dir / "iter-2" / "result.json").is_file() and redone["result"] == out["result"]
+
+
+def _check_heartbeats() -> None:
+    """The run heartbeats (zombie detection can mark it Crashed); its in-process iteration subflows do not."""
+    from prefect.client.orchestration import get_client
+
+    body = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}}, "limit": 50}
+    with get_client(sync_client=True) as client:
+        for _ in range(30):  # events are persisted asynchronously
+            events = client.request("POST", "/events/filter", json=body).json()["events"]
+            if events:
+                break
+            time.sleep(1)
+    flows = {r["prefect.resource.name"] for e in events for r in e["related"] if r["prefect.resource.role"] == "flow"}
+    assert flows == {"tyr"}
 
 
 def _check_artifacts(run_id: str, tyr_ppl: float) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tyr_core.calibration import load_documents, packed_windows, reference_chunks
+from tyr_core.calibration import load_documents, packed_windows, reference_chunks, tokenize
 from tyr_core.config import CalibrationConfig, PruneConfig, apply_overrides, validate
 from tyr_core.errors import CalibrationError, ConfigError, ModelNotFoundError, UnsupportedModelError
 from tyr_core.families import resolve_model
@@ -31,6 +31,34 @@ def test_packed_windows_are_seeded_and_non_overlapping():
     assert len(set(a.flatten().tolist())) == 80  # no token twice: windows do not overlap
     with pytest.raises(CalibrationError, match="fewer than one window"):
         packed_windows([[1, 2]], 16, 5, seed=0, sep=None)
+
+
+def _byte_level_bpe(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā")
+
+
+def test_batched_tokenisation_equals_one_document_at_a_time_and_stays_lazy():
+    docs = [f"Act {i}. Enter   Hamlet;\n\n  ‘To be, or not’ — {i * 7919} ñ 字\t" * (1 + i % 5) for i in range(60)]
+    tok = _byte_level_bpe(docs)
+    one_by_one = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert list(tokenize(tok, docs, batch_chars=500)) == one_by_one  # many batches
+    assert list(tokenize(tok, docs)) == one_by_one  # one batch
+
+    def stream():  # reference chunking must stop reading once it has its tokens (a streamed dataset is endless)
+        yield from docs[:10]
+        raise AssertionError("read past what reference chunking needed")
+
+    pieces = reference_chunks(tokenize(tok, stream(), batch_chars=50), seq_len=8, num_tokens=64)
+    assert sum(p.numel() for p in pieces) == 64
 
 
 def test_local_text_json_and_parquet_files_load_as_documents(tmp_path):

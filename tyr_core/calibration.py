@@ -74,10 +74,23 @@ def load_documents(
     return docs
 
 
-def tokenize(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
-    """Token ids of each document, with no special tokens (no BOS: ALGORITHM.md §10.7)."""
+def tokenize(tokenizer, docs: Iterable[str], batch_chars: int = 1 << 20) -> Iterator[list[int]]:
+    """Token ids of each document, with no special tokens (no BOS: ALGORITHM.md §10.7).
+
+    Documents go to the tokenizer in batches of about ``batch_chars`` characters: a fast tokenizer encodes a batch
+    on all cores (8.5 MB of Shakespeare: 7.8 s one document at a time, 4.0 s in batches on 2 cores), and the
+    stream stays lazy, so reference chunking still stops reading once it has its tokens.
+    """
+    batch: list[str] = []
+    size = 0
     for doc in docs:
-        yield tokenizer(doc, add_special_tokens=False)["input_ids"]
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_chars:
+            yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+            batch, size = [], 0
+    if batch:
+        yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
 
 
 def reference_chunks(token_docs: Iterable[list[int]], seq_len: int, num_tokens: int) -> list[torch.Tensor]:
