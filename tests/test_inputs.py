@@ -61,6 +61,22 @@ def test_batched_tokenisation_equals_one_document_at_a_time_and_stays_lazy():
     assert sum(p.numel() for p in pieces) == 64
 
 
+def test_a_streamed_dataset_is_read_only_as_far_as_reference_chunking_needs(monkeypatch):
+    import datasets
+
+    from tyr_core.pipeline import calibration_windows
+
+    def shard():  # a FineWeb-Edu shard holds gigabytes; calibration needs its first num_windows * seq_len tokens
+        for i in range(300):  # 3 MB: tokenisation reads one batch (1 MB) ahead, not the shard
+            yield {"text": f"document {i} about the weather in Elsinore, " * 250}
+        raise AssertionError("read past what reference chunking needed")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: shard())
+    tok = _byte_level_bpe([f"document {i} about the weather in Elsinore, " for i in range(40)])
+    cfg = CalibrationConfig(dataset="HuggingFaceFW/fineweb-edu", chunking="reference", seq_len=16, num_windows=8)
+    assert calibration_windows(cfg, tok).shape == (8, 16)
+
+
 def test_local_text_json_and_parquet_files_load_as_documents(tmp_path):
     (tmp_path / "a.txt").write_text("first line\nsecond line of the same document\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "doc one"}) + "\n" + json.dumps({"text": "doc two"}))

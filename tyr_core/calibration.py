@@ -37,21 +37,25 @@ def _local_files(paths: list[str]) -> tuple[str, list[str]]:
     return kinds.pop(), [str(f) for f in files]
 
 
-def load_documents(
+def iter_documents(
     files: list[str] | None = None,
     dataset: str | None = None,
     dataset_config: str | None = None,
     split: str = "train",
     text_field: str = "text",
     data_files: list[str] | None = None,
-) -> list[str]:
-    """Documents from local files (a .txt file is one document) or a dataset name (streamed; FineWeb-Edu style).
+) -> Iterator[str]:
+    """Non-empty documents, lazily, from local files (a .txt file is one document) or a dataset name (streamed;
+    FineWeb-Edu style). Lazy because reference chunking needs the first 2^22 tokens of a dataset shard (16 MB of
+    text), not the shard (a FineWeb-Edu sample-10BT file holds gigabytes).
 
     Raises:
         CalibrationError: missing files, unreadable text, no ``text_field`` column, or no non-empty document.
     """
     from datasets import load_dataset
 
+    source = files or dataset
+    found = False
     try:
         if files:
             builder, paths = _local_files(files)
@@ -61,17 +65,31 @@ def load_documents(
             ds = load_dataset(dataset, dataset_config, split=split, data_files=data_files, streaming=True)
         else:
             raise CalibrationError("calibration needs either files or a dataset name")
-        docs = [row[text_field] for row in ds]
+        for row in ds:
+            doc = row[text_field]
+            if isinstance(doc, str) and doc.strip():
+                found = True
+                yield doc
     except CalibrationError:
         raise
     except KeyError as err:
         raise CalibrationError(f"calibration data has no {text_field!r} field ({err})") from err
     except Exception as err:  # datasets raises many types for unreadable input
-        raise CalibrationError(f"could not read calibration data {files or dataset}: {err}") from err
-    docs = [d for d in docs if isinstance(d, str) and d.strip()]
-    if not docs:
-        raise CalibrationError(f"calibration data {files or dataset} holds no non-empty text documents")
-    return docs
+        raise CalibrationError(f"could not read calibration data {source}: {err}") from err
+    if not found:
+        raise CalibrationError(f"calibration data {source} holds no non-empty text documents")
+
+
+def load_documents(
+    files: list[str] | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    data_files: list[str] | None = None,
+) -> list[str]:
+    """Every document of :func:`iter_documents`, in a list (held-out text, which is read whole)."""
+    return list(iter_documents(files, dataset, dataset_config, split, text_field, data_files))
 
 
 def tokenize(tokenizer, docs: Iterable[str], batch_chars: int = 1 << 20) -> Iterator[list[int]]:

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .artifacts import KINDS, Kind
-from .calibration import load_documents, packed_windows, reference_chunks, tokenize
+from .calibration import iter_documents, packed_windows, reference_chunks, tokenize
 from .config import CalibrationConfig, PruneConfig, RunConfig
 from .errors import CalibrationError
 from .families import Geometry
@@ -42,7 +42,7 @@ def calibration_windows(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
     dropped, because the layer-wise executor batches
     fixed-length windows (recorded as a deviation in docs/algorithm.md).
     """
-    docs = load_documents(cfg.files, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field, cfg.data_files)
+    docs = iter_documents(cfg.files, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field, cfg.data_files)
     token_docs = tokenize(tokenizer, docs)
     if cfg.chunking == "packed":
         return packed_windows(token_docs, cfg.seq_len, cfg.num_windows, cfg.seed, tokenizer.eos_token_id)
