@@ -290,10 +290,14 @@ def test_prefect_yaml_declares_the_four_deployments():
     assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $TYR_REPO_DIR }}"
 
 
-def test_compose_runs_prefect_seaweedfs_and_a_worker():
+def test_compose_runs_prefect_on_postgres_seaweedfs_and_a_worker():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"prefect", "s3", "worker"}
+    assert set(services) == {"db", "prefect", "s3", "worker"}
+    server_env = services["prefect"]["environment"]
+    assert server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://prefect:")
+    assert server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].endswith("@db:5432/prefect")
+    assert services["prefect"]["depends_on"]["db"]["condition"] == "service_healthy"
     assert services["worker"]["build"]["dockerfile"] == "docker/Dockerfile"
     env = services["worker"]["environment"]
     assert env["PREFECT_API_URL"] == "http://prefect:4200/api" and env["TYR_S3_ENDPOINT_URL"] == "http://s3:8333"
