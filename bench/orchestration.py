@@ -240,9 +240,9 @@ def wait_until_idle(pgid: int, timeout: float = 120) -> float:
 def resume_cost(api: httpx.Client, store: str, run_id: str, settle: bool) -> dict:
     """Seconds from starting the killed run again (same run id, new flow run) to its first task doing new work.
 
-    ``settle``: first wait until the server has recorded the killed run's events. Right after the kill it is still
-    busy with them, on these same 2 cores, and every API call of the resumed run waits; a person pressing Retry, or
-    zombie detection (90 s of missed heartbeats), comes later than that.
+    ``settle``: first wait until the server is idle (right after the kill it may still be recording the killed run's
+    events, on these same 2 cores); a person pressing Retry, or zombie detection (90 s of missed heartbeats), comes
+    later than that.
     """
     from flows.tyr import tyr
 

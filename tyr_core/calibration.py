@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,16 +81,9 @@ def iter_documents(
         raise CalibrationError(f"calibration data {source} holds no non-empty text documents")
 
 
-def load_documents(
-    files: list[str] | None = None,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    split: str = "train",
-    text_field: str = "text",
-    data_files: list[str] | None = None,
-) -> list[str]:
-    """Every document of :func:`iter_documents`, in a list (held-out text, which is read whole)."""
-    return list(iter_documents(files, dataset, dataset_config, split, text_field, data_files))
+def load_documents(*args: Any, **kwargs: Any) -> list[str]:
+    """Every document of :func:`iter_documents` (same arguments), in a list: held-out text, which is read whole."""
+    return list(iter_documents(*args, **kwargs))
 
 
 def tokenize(tokenizer, docs: Iterable[str], batch_chars: int = 1 << 20) -> Iterator[list[int]]:
