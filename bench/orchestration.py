@@ -8,15 +8,23 @@
   from that call to the start of the first task that does new work, and how many task runs came back ``Cached``;
 - store throughput to a real SeaweedFS.
 
-Prints JSON lines.  python bench/orchestration.py
+The server's database is a throwaway PostgreSQL cluster on loopback when PostgreSQL's binaries are on this host (the
+production setup: ``docker/compose.yaml``), else SQLite; ``--database`` picks one.  On SQLite a write that meets a
+locked database is answered 503 and the client retries ~2 s later, which the flow times then include.
+
+Prints JSON lines.  python bench/orchestration.py [--database postgres|sqlite]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import glob
 import json
 import os
+import pwd
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -147,29 +155,84 @@ def store_throughput() -> dict:
     return {"mb": round(mb), "write_mb_s": round(mb / write_s, 1), "read_mb_s": round(mb / read_s, 1)}
 
 
-def cpu_seconds(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of a process group (the Prefect server)."""
+def cpu_seconds(pgids: tuple[int, ...]) -> float:
+    """CPU seconds (user + system) used so far by the live processes of some process groups (the Prefect server and
+    its database)."""
     total = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ..., utime (11), stime (12)
+            if int(fields[2]) in pgids:  # fields after the command: state, ppid, pgrp, ..., utime (11), stime (12)
                 total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def prefect_server():
-    """A real ``prefect server start`` on a free loopback port; this process and its children use it."""
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def postgres_bindir() -> Path | None:
+    installed = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    found = shutil.which("initdb") or (installed[-1] if installed else None)
+    return Path(os.path.realpath(found)).parent if found else None
+
+
+@contextlib.contextmanager
+def postgres():
+    """A throwaway PostgreSQL cluster in a temp dir on a free loopback port; yields (connection URL, postmaster pid).
+
+    PostgreSQL refuses to run as root, so under root the cluster belongs to the ``postgres`` user."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise SystemExit("--database postgres: no PostgreSQL found (initdb); install it or pass --database sqlite")
+    root = Path(tempfile.mkdtemp(prefix="tyr-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        os.chown(root, pwd.getpwnam("postgres").pw_uid, -1)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port, data = free_port(), root / "data"
+    quiet = {"stdout": subprocess.DEVNULL, "check": True}
+    subprocess.run([*as_user, bindir / "initdb", "-D", data, "-U", "prefect", "--auth=trust", "-E", "UTF8"], **quiet)
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    ctl = [*as_user, bindir / "pg_ctl", "-D", data]
+    subprocess.run([*ctl, "-o", options, "-l", root / "log", "-w", "start"], **quiet)
+    try:
+        subprocess.run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect"], **quiet)
+        postmaster = int((data / "postmaster.pid").read_text().split()[0])
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect", postmaster
+    finally:
+        subprocess.run([*ctl, "-w", "stop", "-m", "fast"], **quiet)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def database(kind: str):
+    """Yields (the server's database URL or None for Prefect's default SQLite, pgids to count CPU of)."""
+    if kind == "sqlite":
+        yield None, ()
+        return
+    with postgres() as (url, postmaster):
+        yield url, (os.getpgid(postmaster),)
+
+
+@contextlib.contextmanager
+def prefect_server(database_url: str | None, database_pgids: tuple[int, ...]):
+    """A real ``prefect server start`` on a free loopback port; this process and its children use it.
+
+    ``api.server_pgids``: the process groups whose CPU is the server's (its own and its database's)."""
+    port = free_port()
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ)
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=env,
     )
     api = httpx.Client(base_url=os.environ["PREFECT_API_URL"], timeout=30)
     try:
@@ -178,7 +241,7 @@ def prefect_server():
                 if api.get("/health").status_code == 200:
                     break
             time.sleep(0.5)
-        api.server_pid = server.pid
+        api.server_pgids = (server.pid, *database_pgids)
         yield api
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -226,13 +289,13 @@ def task_runs(api: httpx.Client, flow_run_id: str) -> list[dict]:
 NOT_NEW_WORK = ("garbage-collect", "summarize", "tyr-iteration")
 
 
-def wait_until_idle(pgid: int, timeout: float = 120) -> float:
+def wait_until_idle(pgids: tuple[int, ...], timeout: float = 120) -> float:
     """Seconds until the server has been idle (under 10% of a core) for a second."""
     t0 = time.monotonic()
-    quiet, last = 0, cpu_seconds(pgid)
+    quiet, last = 0, cpu_seconds(pgids)
     while quiet < 2 and time.monotonic() - t0 < timeout:
         time.sleep(0.5)
-        now = cpu_seconds(pgid)
+        now = cpu_seconds(pgids)
         quiet, last = (quiet + 1 if now - last < 0.05 else 0), now
     return time.monotonic() - t0
 
@@ -247,7 +310,7 @@ def resume_cost(api: httpx.Client, store: str, run_id: str, settle: bool) -> dic
     from flows.tyr import tyr
 
     kill_during_search(store, run_id)
-    settled = wait_until_idle(api.server_pid) if settle else 0.0
+    settled = wait_until_idle(api.server_pgids) if settle else 0.0
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     state = tyr(preset="tiny-test", run_id=run_id, store_url=store, overrides=RESUME_OVERRIDES, return_state=True)
@@ -272,11 +335,11 @@ def overhead(api: httpx.Client, store: str, label: str) -> dict:
     here), so the best of each and the median of (flow, core-right-after) pairs, not one run."""
     flows, cores, server_cpu = [], [], []
     for r in range(REPEATS):
-        wait_until_idle(api.server_pid)
-        before = cpu_seconds(api.server_pid)
+        wait_until_idle(api.server_pgids)
+        before = cpu_seconds(api.server_pgids)
         flows.append(flow_seconds(store, f"{label}-{r}"))
-        wait_until_idle(api.server_pid)  # the server's leftover work must not slow the core run
-        server_cpu.append(cpu_seconds(api.server_pid) - before)
+        wait_until_idle(api.server_pgids)  # the server's leftover work must not slow the core run
+        server_cpu.append(cpu_seconds(api.server_pgids) - before)
         cores.append(core_seconds())
     core, flow = min(cores), min(flows)
     return {
@@ -292,14 +355,20 @@ def overhead(api: httpx.Client, store: str, label: str) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default = "postgres" if postgres_bindir() else "sqlite"
+    parser.add_argument("--database", choices=["postgres", "sqlite"], default=default, help=f"default: {default}")
+    args = parser.parse_args()
     store = f"file://{tempfile.mkdtemp(prefix='tyr-store-')}"
-    with prefect_server() as api:
+    with database(args.database) as (url, pgids), prefect_server(url, pgids) as api:
+        emit(metric="server_database", database=args.database)
         flow_seconds(store, "warmup")  # model conversion and texts are ready afterwards
         # the server (its CPU per flow run is reported) shares this host's 2 cores with the flow
         emit(metric="orchestration_overhead", **overhead(api, store, "measured"))
         # the same with the server at the lowest CPU priority: what the flow costs when the server's work does not
         # compete with it, as in a deployment where the server runs on a host of its own
-        os.setpriority(os.PRIO_PGRP, api.server_pid, 19)
+        for pgid in api.server_pgids:
+            os.setpriority(os.PRIO_PGRP, pgid, 19)
         emit(metric="orchestration_overhead_server_niced", **overhead(api, store, "niced"))
         emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured-0"), 1))
         emit(metric="resume_right_after_kill", **resume_cost(api, store, "resume-now", settle=False))

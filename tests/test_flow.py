@@ -95,7 +95,8 @@ def _check_heartbeats() -> None:
 
 
 def _check_artifacts(run_id: str, tyr_ppl: float) -> None:
-    """What a person sees in the UI: the summary, a table per iteration, and the search progress at 100%."""
+    """What a person sees in the UI: the summary, a table per iteration, and the search progress at 100%, each in
+    the run it belongs to."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -111,3 +112,6 @@ def _check_artifacts(run_id: str, tyr_ppl: float) -> None:
     assert "data:image/png;base64," in latest["summary"].data
     assert "| 0 |" in latest["iteration-2"].data and "| 1 |" in latest["iteration-2"].data
     assert latest["search-1"].data == 100.0 and latest["search-2"].data == 100.0
+    # published from a background thread, each still belongs to the run (and a task's to its task run)
+    assert all(a.flow_run_id is not None for a in latest.values())
+    assert all(latest[n].task_run_id is not None for n in ["summary", "iteration-1", "iteration-2"])
