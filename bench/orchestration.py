@@ -12,7 +12,10 @@ The server's database is a throwaway PostgreSQL cluster on loopback when Postgre
 production setup: ``docker/compose.yaml``), else SQLite; ``--database`` picks one.  On SQLite a write that meets a
 locked database is answered 503 and the client retries ~2 s later, which the flow times then include.
 
-Prints JSON lines.  python bench/orchestration.py [--database postgres|sqlite]
+``--preset smollm2-demo --repeats 1 --overhead-only --no-warmup`` measures the overhead on the real model instead
+(minutes a run; without the warmup run the flow runs first, so any first-run cost is the flow's).
+
+Prints JSON lines.  python bench/orchestration.py [--database postgres|sqlite] [--preset P] [--repeats N]
 """
 
 from __future__ import annotations
@@ -43,14 +46,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tyr-prefect-"))
 # a search long enough that the kill lands inside iteration 2's search, with generations left to run
 RESUME_OVERRIDES = ["search.generations=6"]
-REPEATS = 5
 
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def core_seconds() -> float:
+def core_seconds(preset: str = "tiny-test") -> float:
     """The flow's work with plain core functions (no Prefect, no store): calibration and held-out windows,
     teacher, every iteration, the baselines, the exports and the final evaluation, in the flow's order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,7 +76,7 @@ def core_seconds() -> float:
     from tyr_core.supernet import SupernetReader
 
     t0 = time.perf_counter()
-    cfg = resolve_config("tiny-test")
+    cfg = resolve_config(preset)
     folder = resolve_model(cfg.model.source)
     tok = AutoTokenizer.from_pretrained(folder)
     cal = cfg.calibration.model_copy(update={"files": resolve_corpus(cfg.calibration.files)})
@@ -121,11 +123,11 @@ def core_seconds() -> float:
     return time.perf_counter() - t0
 
 
-def flow_seconds(store: str, run_id: str) -> float:
+def flow_seconds(store: str, run_id: str, preset: str = "tiny-test") -> float:
     from flows.tyr import tyr
 
     t0 = time.perf_counter()
-    tyr(preset="tiny-test", run_id=run_id, store_url=store)
+    tyr(preset=preset, run_id=run_id, store_url=store)
     return time.perf_counter() - t0
 
 
@@ -330,19 +332,20 @@ def resume_cost(api: httpx.Client, store: str, run_id: str, settle: bool) -> dic
     }
 
 
-def overhead(api: httpx.Client, store: str, label: str) -> dict:
+def overhead(api: httpx.Client, store: str, label: str, preset: str, repeats: int) -> dict:
     """Flow vs core, alternated and repeated: a run is seconds long and the host's speed drifts (2x within an hour
     here), so the best of each and the median of (flow, core-right-after) pairs, not one run."""
     flows, cores, server_cpu = [], [], []
-    for r in range(REPEATS):
+    for r in range(repeats):
         wait_until_idle(api.server_pgids)
         before = cpu_seconds(api.server_pgids)
-        flows.append(flow_seconds(store, f"{label}-{r}"))
+        flows.append(flow_seconds(store, f"{label}-{r}", preset))
         wait_until_idle(api.server_pgids)  # the server's leftover work must not slow the core run
         server_cpu.append(cpu_seconds(api.server_pgids) - before)
-        cores.append(core_seconds())
+        cores.append(core_seconds(preset))
     core, flow = min(cores), min(flows)
     return {
+        "preset": preset,
         "core_s": round(core, 1),
         "flow_s": round(flow, 1),
         "ratio": round(flow / core, 2),
@@ -358,19 +361,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = "postgres" if postgres_bindir() else "sqlite"
     parser.add_argument("--database", choices=["postgres", "sqlite"], default=default, help=f"default: {default}")
+    parser.add_argument("--preset", default="tiny-test", help="the run whose overhead is measured (default tiny-test)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternated (flow, core) pairs per set (default 5)")
+    parser.add_argument("--overhead-only", action="store_true", help="only the overhead at normal priority")
+    parser.add_argument("--no-warmup", action="store_true", help="no warmup flow run first (for long presets)")
     args = parser.parse_args()
     store = f"file://{tempfile.mkdtemp(prefix='tyr-store-')}"
     with database(args.database) as (url, pgids), prefect_server(url, pgids) as api:
         emit(metric="server_database", database=args.database)
-        flow_seconds(store, "warmup")  # model conversion and texts are ready afterwards
+        if not args.no_warmup:
+            flow_seconds(store, "warmup", args.preset)  # model conversion and texts are ready afterwards
         # the server (its CPU per flow run is reported) shares this host's 2 cores with the flow
-        emit(metric="orchestration_overhead", **overhead(api, store, "measured"))
+        emit(metric="orchestration_overhead", **overhead(api, store, "measured", args.preset, args.repeats))
+        if args.overhead_only:
+            return
         # the same with the server at the lowest CPU priority: what the flow costs when the server's work does not
         # compete with it, as in a deployment where the server runs on a host of its own
         for pgid in api.server_pgids:
             os.setpriority(os.PRIO_PGRP, pgid, 19)
-        emit(metric="orchestration_overhead_server_niced", **overhead(api, store, "niced"))
-        emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured-0"), 1))
+        niced = overhead(api, store, "niced", args.preset, args.repeats)
+        emit(metric="orchestration_overhead_server_niced", **niced)
+        emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured-0", args.preset), 1))
         emit(metric="resume_right_after_kill", **resume_cost(api, store, "resume-now", settle=False))
         emit(metric="resume_after_kill", **resume_cost(api, store, "resume", settle=True))
     emit(metric="store_throughput_seaweedfs", **store_throughput())

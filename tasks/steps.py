@@ -168,7 +168,8 @@ def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list
         copy = cursor.prune(sub, level)
         data = copy_bytes(copy)
         entry = index_entry(sub, level, copy, ws.model.geometry, key, "", len(data))
-        manifest = commit_bytes(ws.store, key, data, ws.config.artefact_hash(), meta=entry)
+        manifest = commit_bytes(ws.store, key, data, ws.config.artefact_hash(), meta=entry)  # or raises: other bytes
+        ws.keep_committed_copy(key, copy)  # for this layer's accumulate
         entries.append({**entry, "sha256": manifest.sha256})
     return entries
 
@@ -191,6 +192,7 @@ def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
 def supernet_index(ref: RunRef, iteration: int, entries: list[dict]) -> dict:
     """Commit the checksummed index that defines the supernet's search space."""
     ws = workspace(ref)
+    ws.drop_committed_copies()  # the last layer's: no accumulate replays it
     key = keys.supernet_index_key(iteration)
     if not is_committed(ws.store, key):
         plan_ = ws.plan(iteration)

@@ -23,6 +23,7 @@ from tyr_core.families import default_cache_dir, resolve_model
 from tyr_core.layerwise import LayerwiseModel
 from tyr_core.pipeline import prune_settings
 from tyr_core.prefix import PrefixForward
+from tyr_core.pruned import PrunedSublayer
 from tyr_core.store import Store, fetch_verified, hash_file, read_json, read_manifest
 from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy
 
@@ -51,6 +52,7 @@ class Workspace:
     _search: dict[int, tuple[SupernetModel, PrefixForward]] = field(default_factory=dict)
     _tokenizer: object | None = None
     _plans: dict[int, dict] = field(default_factory=dict)
+    _fresh: dict[str, PrunedSublayer] = field(default_factory=dict)
 
     _fetched: set[str] = field(default_factory=set)
 
@@ -106,17 +108,37 @@ class Workspace:
         with self.lock:
             if iteration not in self._cursors:
                 self._cursors = {}  # one build at a time: free the previous iteration's activations
+                self._fresh = {}
                 settings = prune_settings(self.config.prune, spill_dir=self.cache)
                 self._cursors[iteration] = LayerCursor(self.model, self.calibration(), settings)
             return self._cursors[iteration]
 
+    def keep_committed_copy(self, key: str, copy: PrunedSublayer) -> None:
+        """Hold a copy this process has just committed until its layer is replayed (``accumulate``), as the tensors
+        that were serialised, so that the replay does not read back from the store what it has just written: on
+        SmolLM2 that read-back (fetch, sha256, load) of 18 copies a layer was twice the replay's own compute
+        (py-spy). At most one layer's copies are held; they are produced in this process's memory anyway."""
+        as_serialised = PrunedSublayer(
+            kept=copy.kept.to("cpu", torch.int64).contiguous(), weight=copy.weight.to("cpu").contiguous()
+        )
+        with self.lock:
+            self._fresh[key] = as_serialised
+
+    def drop_committed_copies(self) -> None:
+        with self.lock:
+            self._fresh = {}
+
     def copies(self, iteration: int, sublayers, layer: int):
-        """Committed copies of one layer, by kind and level (for replaying the layer)."""
-        return {
-            s.kind: {lv: load_copy(self.fetch(keys.copy_key(iteration, layer, s.kind, lv))) for lv in s.levels}
-            for s in sublayers
-            if s.layer == layer
-        }
+        """Committed copies of one layer, by kind and level (for replaying the layer): those this process committed
+        and still holds, else from the store (a fresh worker resuming the build). The two are bit-identical."""
+
+        def committed(kind: str, level: int) -> PrunedSublayer:
+            key = keys.copy_key(iteration, layer, kind, level)
+            with self.lock:
+                held = self._fresh.pop(key, None)
+            return held if held is not None else load_copy(self.fetch(key))
+
+        return {s.kind: {lv: committed(s.kind, lv) for lv in s.levels} for s in sublayers if s.layer == layer}
 
     def reader(self, iteration: int) -> SupernetReader:
         index = read_json(self.store, keys.supernet_index_key(iteration))
