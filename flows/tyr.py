@@ -38,7 +38,7 @@ from tyr_core.store import is_committed
 from .presets import resolve_config
 
 
-@flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=8))  # the config's concurrent_prunes, at most
 def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: bool = False) -> dict:
     """One iteration: supernet around the current centres, then the sparsity-shift search."""
     grid = plan(ref, iteration)
@@ -52,18 +52,23 @@ def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: boo
 
 
 def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
-    """Layer by layer: each layer's inputs carry the expected weights of the layers before it (eq. 5)."""
+    """Layer by layer: each layer's inputs carry the expected weights of the layers before it (eq. 5). A layer's
+    local-prune tasks (one per level) go through the task runner, ``concurrent_prunes`` at a time."""
+    from tasks.workspace import workspace
+
+    at_once = workspace(ref).config.concurrent_prunes
     layers = sorted({s["layer"] for s in grid["sublayers"]})
     entries: list[dict] = []
     for layer in layers:
         subs = [s for s in grid["sublayers"] if s["layer"] == layer]
         layer_stats(ref, iteration, layer)
         levels = sorted({lv for s in subs for lv in range(s["lo"], s["hi"] + 1)})
-        futures = [
-            local_prune.submit(ref, iteration, layer, level, [s["kind"] for s in subs if s["lo"] <= level <= s["hi"]])
-            for level in levels
-        ]
-        entries += [entry for f in futures for entry in f.result()]
+        for batch in (levels[i : i + at_once] for i in range(0, len(levels), at_once)):
+            futures = [
+                local_prune.submit(ref, iteration, layer, lv, [s["kind"] for s in subs if s["lo"] <= lv <= s["hi"]])
+                for lv in batch
+            ]
+            entries += [entry for f in futures for entry in f.result()]
         if layer != layers[-1]:
             accumulate(ref, iteration, layer)
     return supernet_index(ref, iteration, entries)

@@ -153,6 +153,13 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     keep_last: int = Field(1, ge=1, description="iterations whose supernet survives garbage collection")
+    concurrent_prunes: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="local-prune tasks of one layer that run at once. On CPU one: torch already spreads one prune over "
+        "every core, and two at once took 1.6x as long per SmolLM2 layer (bench/level_concurrency.py)",
+    )
     seed: int = 0
 
     @field_validator("search", mode="before")
@@ -162,8 +169,8 @@ class RunConfig(_Strict):
         return v if isinstance(v, cfg) else cfg.model_validate(v or {})
 
     def artefact_hash(self) -> str:
-        """Hash of what determines committed artefacts; eval/export/gc settings may change on resume."""
-        return config_hash(self, exclude={"eval", "export", "keep_last"})
+        """Hash of what determines committed artefacts; eval/export/gc/concurrency settings may change on resume."""
+        return config_hash(self, exclude={"eval", "export", "keep_last", "concurrent_prunes"})
 
 
 def load_run_config(data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config") -> RunConfig:
