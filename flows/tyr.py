@@ -1,7 +1,7 @@
 """The ``tyr`` flow: one run is the whole coarse-to-fine loop of Týr-the-Pruner (ALGORITHM.md §7.1, Alg. 4).
 
 calibrate -> teacher -> for each iteration: plan, build the supernet layer by layer (stats, local prune at
-every level in parallel, accumulate the expectation), search generations, recentre -> garbage-collect ->
+every level through the task runner, accumulate the expectation), search generations, recentre -> garbage-collect ->
 export -> evaluate. Every step commits to the store, so a retried or resumed run recomputes nothing committed.
 """
 

@@ -150,8 +150,8 @@ def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list
 
     One task for a layer's attention and MLP at a level rather than one per sublayer halves the task runs (720 per
     iteration of a 70B model, 80 layers x 9 levels, instead of 1,440) and with them the orchestration cost, not the
-    parallelism: the levels of a layer still run concurrently. Each copy commits on its own, so a retried task skips
-    the committed one.
+    parallelism: the flow submits a layer's levels together, ``concurrent_prunes`` at a time. Each copy commits on
+    its own, so a retried task skips the committed one.
     """
     ws = workspace(ref)
     subs = _sublayers(ws.plan(iteration))
