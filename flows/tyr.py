@@ -33,12 +33,13 @@ from tasks.steps import (
 )
 from tasks.workspace import RunRef
 from tyr_core import artifacts as keys
+from tyr_core.config import MAX_CONCURRENT_PRUNES
 from tyr_core.store import is_committed
 
 from .presets import resolve_config
 
 
-@flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=8))  # the config's concurrent_prunes, at most
+@flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES))
 def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: bool = False) -> dict:
     """One iteration: supernet around the current centres, then the sparsity-shift search."""
     grid = plan(ref, iteration)

@@ -25,7 +25,7 @@ from tyr_core.pipeline import prune_settings
 from tyr_core.prefix import PrefixForward
 from tyr_core.pruned import PrunedSublayer
 from tyr_core.store import Store, fetch_verified, hash_file, read_json, read_manifest
-from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy
+from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy, stored_tensors
 
 from .storage import run_store
 
@@ -118,9 +118,7 @@ class Workspace:
         that were serialised, so that the replay does not read back from the store what it has just written: on
         SmolLM2 that read-back (fetch, sha256, load) of 18 copies a layer was twice the replay's own compute
         (py-spy). At most one layer's copies are held; they are produced in this process's memory anyway."""
-        as_serialised = PrunedSublayer(
-            kept=copy.kept.to("cpu", torch.int64).contiguous(), weight=copy.weight.to("cpu").contiguous()
-        )
+        as_serialised = PrunedSublayer(**stored_tensors(copy))
         with self.lock:
             self._fresh[key] = as_serialised
 

@@ -142,6 +142,9 @@ def _search_config():
     return SearchConfig
 
 
+MAX_CONCURRENT_PRUNES = 8  # the iteration flow's task runner has this many workers
+
+
 class RunConfig(_Strict):
     """Everything a run needs; ``artefact_hash`` covers the sections that change committed artefacts."""
 
@@ -156,7 +159,7 @@ class RunConfig(_Strict):
     concurrent_prunes: int = Field(
         1,
         ge=1,
-        le=8,
+        le=MAX_CONCURRENT_PRUNES,
         description="local-prune tasks of one layer that run at once. On CPU one: torch already spreads one prune over "
         "every core, and two at once took 1.6x as long per SmolLM2 layer (bench/level_concurrency.py)",
     )

@@ -124,18 +124,24 @@ def expected_weight(
     return out.to(dense.dtype)
 
 
+def stored_tensors(copy: PrunedSublayer) -> dict[str, torch.Tensor]:
+    """A copy's tensors as they are serialised (and as ``load_copy`` returns them): ``weight`` (kept columns only)
+    and ``kept`` (int64 group indices), contiguous, on the CPU."""
+    return {"weight": copy.weight.to("cpu").contiguous(), "kept": copy.kept.to("cpu", torch.int64).contiguous()}
+
+
 def copy_bytes(copy: PrunedSublayer) -> bytes:
-    """Serialise one copy as safetensors bytes: ``weight`` (kept columns only) and ``kept`` (group indices)."""
+    """Serialise one copy as safetensors bytes (``stored_tensors``)."""
     from safetensors.torch import save
 
-    return save({"weight": copy.weight.contiguous(), "kept": copy.kept.to(torch.int64).contiguous()})
+    return save(stored_tensors(copy))
 
 
 def save_copy(path: Path, copy: PrunedSublayer) -> str:
     """Write a copy to ``path`` atomically; returns its sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"weight": copy.weight.contiguous(), "kept": copy.kept.to(torch.int64).contiguous()}, str(tmp))
+    save_file(stored_tensors(copy), str(tmp))
     digest = sha256_file(tmp)
     tmp.replace(path)
     return digest
