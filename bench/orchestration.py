@@ -33,17 +33,17 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from scratch import scratch_dir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tyr-prefect-"))
+os.environ.setdefault("PREFECT_HOME", str(scratch_dir("tyr-prefect-")))
 # a search long enough that the kill lands inside iteration 2's search, with generations left to run
 RESUME_OVERRIDES = ["search.generations=6"]
 
@@ -89,7 +89,7 @@ def core_seconds(preset: str = "tiny-test") -> float:
     def dense():
         return AutoModelForCausalLM.from_pretrained(folder).eval()
 
-    work = Path(tempfile.mkdtemp())
+    work = scratch_dir("tyr-core-run-")
     model = dense()
     write_teacher_topk(
         lambda ids: model(ids).logits,
@@ -139,9 +139,9 @@ def store_throughput() -> dict:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     blobs = [random.randbytes(2 << 20) for _ in range(40)]  # 80 MB of copy-sized objects
-    big = Path(tempfile.mkdtemp()) / "big.bin"
+    big = scratch_dir("tyr-big-") / "big.bin"
     big.write_bytes(random.randbytes(20 << 20))  # + 20 MB through the multipart file path
-    with EmbeddedSeaweed(Path(tempfile.mkdtemp())) as s3:
+    with EmbeddedSeaweed(scratch_dir("tyr-weed-data-")) as s3:
         store = run_store(s3.store_url, "bench", endpoint_url=s3.endpoint_url)
         t0 = time.perf_counter()
         for i, b in enumerate(blobs):
@@ -189,7 +189,7 @@ def postgres():
     bindir = postgres_bindir()
     if bindir is None:
         raise SystemExit("--database postgres: no PostgreSQL found (initdb); install it or pass --database sqlite")
-    root = Path(tempfile.mkdtemp(prefix="tyr-pg-"))
+    root = scratch_dir("tyr-pg-")
     as_user: list[str] = []
     if os.geteuid() == 0:
         os.chown(root, pwd.getpwnam("postgres").pw_uid, -1)
@@ -366,7 +366,7 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true", help="only the overhead at normal priority")
     parser.add_argument("--no-warmup", action="store_true", help="no warmup flow run first (for long presets)")
     args = parser.parse_args()
-    store = f"file://{tempfile.mkdtemp(prefix='tyr-store-')}"
+    store = f"file://{scratch_dir('tyr-store-')}"
     with database(args.database) as (url, pgids), prefect_server(url, pgids) as api:
         emit(metric="server_database", database=args.database)
         if not args.no_warmup:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from scratch import scratch_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calibration-windows", type=int, default=32)
-    ap.add_argument("--supernet", type=Path, help="a supernet folder (index.json) built for SmolLM2 at 50%")
+    ap.add_argument("--supernet", type=Path, help="a supernet folder (index.json) built for SmolLM2 at 50%%")
     args = ap.parse_args()
 
     folder = smollm2_folder()
@@ -65,13 +65,13 @@ def main() -> None:
     if args.supernet is None:
         cfg = PruneConfig(target_sparsity=0.5)
         subs = plan_iteration(lm.geometry, cfg, 1, initial_centres(lm.geometry, cfg))
-        args.supernet = Path(tempfile.mkdtemp(prefix="tyr-prefix-"))
+        args.supernet = scratch_dir("tyr-prefix-")
         build_supernet(SupernetBuild(lm, windows, subs, prune_settings(cfg), args.supernet))
     reader = SupernetReader(args.supernet)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model.config._attn_implementation = "sdpa"
     search_windows = windows[: args.windows]
-    tdir = Path(tempfile.mkdtemp(prefix="tyr-prefix-teacher-"))
+    tdir = scratch_dir("tyr-prefix-teacher-")
     write_teacher_topk(lambda ids: model(ids).logits, search_windows, 8192, tdir, 16)
     teacher = TeacherTopK(tdir)
 

@@ -15,11 +15,11 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from scratch import scratch_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,7 +69,7 @@ def run(sparsity: float, args, folder: Path, windows, heldout, teacher: TeacherT
     )
     geo = LayerwiseModel(folder).geometry
     centres = initial_centres(geo, cfg.prune)
-    work = Path(tempfile.mkdtemp(prefix="tyr-quality-"))
+    work = scratch_dir("tyr-quality-")
     t_run = time.perf_counter()
     uniform = None
     for it in range(1, cfg.prune.iterations + 1):
@@ -151,7 +151,7 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     dense = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tdir = Path(tempfile.mkdtemp(prefix="tyr-teacher-"))
+    tdir = scratch_dir("tyr-teacher-")
     write_teacher_topk(lambda ids: dense(ids).logits, windows[: args.teacher_windows], args.topk, tdir, 16)
     emit(
         metric="teacher",

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from scratch import scratch_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,10 +79,10 @@ def main() -> None:
     geo = lm.geometry
     subs = plan_iteration(geo, cfg.prune, 1, initial_centres(geo, cfg.prune))
     if args.supernet is None:
-        args.supernet = Path(tempfile.mkdtemp(prefix="tyr-budget-"))
+        args.supernet = scratch_dir("tyr-budget-")
         build_supernet(SupernetBuild(lm, windows, subs, prune_settings(cfg.prune), args.supernet, 1))
     if args.teacher is None:
-        args.teacher = Path(tempfile.mkdtemp(prefix="tyr-budget-teacher-"))
+        args.teacher = scratch_dir("tyr-budget-teacher-")
         dense = AutoModelForCausalLM.from_pretrained(folder).eval()
         write_teacher_topk(lambda ids: dense(ids).logits, windows[:64], 8192, args.teacher, 16)
     teacher = TeacherTopK(args.teacher)

@@ -10,11 +10,11 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from scratch import scratch_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,7 +67,7 @@ def main() -> None:
         pcfg = PruneConfig(target_sparsity=args.sparsity, accumulation=mode, refit_target=args.refit_target)
         lm = LayerwiseModel(folder)
         subs = plan_iteration(lm.geometry, pcfg, 1, initial_centres(lm.geometry, pcfg))
-        out = Path(tempfile.mkdtemp(prefix="tyr-bench-"))
+        out = scratch_dir("tyr-bench-")
         layer_times: list[float] = []
         last = [time.perf_counter()]
 

@@ -44,6 +44,11 @@ _PORT_FLAGS = (
     "admin.port",
 )
 _GRPC_OFFSET = 10000
+# SeaweedFS marks every volume read-only when its disk has under 1% free (the volume server's -minFreeSpace, which
+# `weed mini` neither exposes nor lets us lower). Writes then wait 30 s for a volume and fail with HTTP 500, so the
+# start refuses such a disk, with what to do, instead of a server that answers every write with an error.
+_WEED_MIN_FREE_FRACTION = 0.01
+_START_HEADROOM = 256 * 2**20  # a server just above weed's floor would tip over on the first supernet copies
 _FIXED_FLAGS = (
     "-ip=127.0.0.1",
     "-ip.bind=127.0.0.1",
@@ -67,6 +72,23 @@ def _default_data_dir() -> Path:
     from tyr_core.families import default_cache_dir  # imports torch: only when no folder is given
 
     return default_cache_dir() / "seaweedfs"
+
+
+def check_free_space(data_dir: Path) -> None:
+    """Raise ``StoreError`` when ``data_dir``'s disk is too full for SeaweedFS to accept writes."""
+    usage = shutil.disk_usage(data_dir)
+    needed = int(usage.total * _WEED_MIN_FREE_FRACTION) + _START_HEADROOM
+    if usage.free < needed:
+        raise StoreError(
+            f"the embedded SeaweedFS would refuse every write: its data folder {data_dir} is on a disk with "
+            f"{_gib(usage.free)} free of {_gib(usage.total)}, and SeaweedFS turns read-only under 1% free. Free at "
+            f"least {_gib(needed - usage.free)} there, or give the data another disk (TYR_CACHE, or --dir for "
+            "`tyr store serve`)"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def _port_is_free(port: int) -> bool:
@@ -192,6 +214,7 @@ class EmbeddedSeaweed:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.data_dir)
         self._take_data_dir()
         try:
             for attempt in range(3):
@@ -279,6 +302,7 @@ class EmbeddedSeaweed:
         proc, self.proc = self.proc, None
         if proc is not None:
             _terminate_group(proc, self.stop_timeout)
+            _remove_grpc_sockets(self.ports)
 
     def _wait_ready(self) -> bool:
         """True once a LIST on the bucket works (creating the bucket if needed); False if the process died
@@ -341,6 +365,18 @@ def _terminate_group(proc: subprocess.Popen, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         _signal_group(proc, signal.SIGKILL)  # the leader is not reaped yet, so the group id is still ours
         proc.wait(timeout=10)
+
+
+def _remove_grpc_sockets(ports: dict[str, int]) -> None:
+    """weed leaves some of its gRPC unix sockets behind when stopped, at a path it does not let us choose
+    (``/tmp/seaweedfs-<service>-grpc-<port>.sock``); named after our ports, they are ours to remove once it is gone."""
+    grpc_ports = {port for flag, port in ports.items() if flag.endswith(".grpc")}
+    if "admin.port" in ports:
+        grpc_ports.add(ports["admin.port"] + _GRPC_OFFSET)
+    for port in grpc_ports:
+        for path in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+            if path.is_socket():
+                path.unlink(missing_ok=True)
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

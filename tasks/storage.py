@@ -61,6 +61,11 @@ _REJECTED_CREDENTIALS = {
 }
 _NOT_ALLOWED = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# A 5xx that outlived botocore's retries is the server's own failure; this is the commonest one we have met.
+_SERVER_FAULT_HINT = (
+    "; the server failed after retries: see its log (SeaweedFS answers every write this way once its disk has "
+    "under 1% free)"
+)
 # A broken response body is not covered by botocore's retries, which end once the headers arrive.
 _STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
 
@@ -187,7 +192,8 @@ class S3Store:
                 "or fix the store URL"
             )
         message = str(err.response.get("Error", {}).get("Message", ""))[:200]
-        return StoreError(f"S3 refused to {where}: {code or 'error'} (HTTP {status}) {message}".rstrip())
+        hint = _SERVER_FAULT_HINT if status is not None and status >= 500 else ""
+        return StoreError(f"S3 refused to {where}: {code or 'error'} (HTTP {status}) {message}".rstrip() + hint)
 
     # --------------------------------------------------------------------------------------------- objects
 

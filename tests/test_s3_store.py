@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import time
 import traceback
@@ -203,9 +204,11 @@ class FaultInjector:
 
 
 def _attempt(request) -> int:
+    """The attempt number botocore sends: ``attempt=2; max=5``, led by ``ttl=...;`` after a real response."""
     header = request.headers.get("amz-sdk-request", b"attempt=1")
     text = header.decode() if isinstance(header, bytes) else header
-    return int(text.split(";")[0].split("=")[1])
+    fields = dict(part.strip().split("=", 1) for part in text.split(";"))
+    return int(fields["attempt"])
 
 
 def check_commits_survive_faults(store: S3Store, tmp_path: Path) -> Counter:
@@ -282,6 +285,35 @@ def test_a_persistent_409_gives_up_with_a_store_error(s3, fast_retries):
     s3.client.meta.events.register_first("before-send.s3.PutObject", always_conflict)
     with pytest.raises(StoreError, match="ConditionalRequestConflict"):
         s3.put_if_absent("lock.json", b"me")
+
+
+def test_a_server_failure_that_outlives_retries_points_at_its_log(s3, fast_retries):
+    def always_fail(request, **_):
+        body = b"<Error><Code>InternalError</Code><Message>We encountered an internal error</Message></Error>"
+        return AWSResponse(request.url, 500, {}, _Body(body))
+
+    s3.client.meta.events.register_first("before-send.s3.PutObject", always_fail)
+    with pytest.raises(StoreError, match=r"write 'k.bin'.*HTTP 500.*see its log .*under 1% free"):
+        s3.put_bytes("k.bin", b"x")
+
+
+def test_the_retry_header_is_read_with_or_without_its_ttl():
+    class Request:
+        def __init__(self, header):
+            self.headers = {"amz-sdk-request": header}
+
+    assert _attempt(Request(b"attempt=1; max=5")) == 1
+    assert _attempt(Request("ttl=20261202T002318Z; attempt=3; max=5")) == 3
+
+
+def test_embedded_seaweed_refuses_a_disk_too_full_to_write(tmp_path, monkeypatch):
+    gib = 2**30
+    nearly_full = type(shutil.disk_usage(tmp_path))(total=200 * gib, used=198 * gib, free=2 * gib)
+    monkeypatch.setattr("tasks.seaweed.shutil.disk_usage", lambda path: nearly_full)
+    server = EmbeddedSeaweed(tmp_path / "weed")
+    with pytest.raises(StoreError, match=r"weed is on a disk with 2.00 GiB free of 200.00 GiB.*Free at least 0.25 GiB"):
+        server.start()
+    assert server.proc is None and server._lock is None  # nothing was started, nothing is held
 
 
 def test_a_body_that_breaks_mid_stream_is_read_again(s3):
@@ -509,6 +541,8 @@ def test_embedded_seaweed_lifecycle(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the whole process group is gone: no orphans
     assert not sockets.exists() and not list(Path("/tmp").glob(f"seaweedfs-s3-{server.ports['s3.port']}.sock"))
+    ports = [*server.ports.values(), server.ports["admin.port"] + 10000]  # the admin's gRPC port
+    assert not [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]  # nor its gRPC sockets
     assert not list(Path("/tmp").glob(f"weed.*.{pid}"))  # its glog files went to the data folder
     with EmbeddedSeaweed(data) as again:  # data persists across restarts
         assert read_verified(again.open_store("r"), "x.json") == b"{}"
