@@ -54,7 +54,14 @@ def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: boo
 
 def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
     """Layer by layer: each layer's inputs carry the expected weights of the layers before it (eq. 5). A layer's
-    local-prune tasks (one per level) go through the task runner, ``concurrent_prunes`` at a time."""
+    local-prune tasks (one per level) go through the task runner, ``concurrent_prunes`` at a time.
+
+    With ``concurrent_prunes=1`` (the default) they run in the flow's own thread instead. A task-runner thread that
+    runs torch gets an OpenMP team of its own, and once the process has more OpenMP threads than cores, libgomp
+    stops spinning at its barriers: every parallel region of every op, in every thread, then waits for workers to
+    wake up. On CPU that made the whole SmolLM2 build 1.38-1.42x as long, with 20x the context switches
+    (``python bench/level_concurrency.py``).
+    """
     from tasks.workspace import workspace
 
     at_once = workspace(ref).config.concurrent_prunes
@@ -65,10 +72,11 @@ def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
         layer_stats(ref, iteration, layer)
         levels = sorted({lv for s in subs for lv in range(s["lo"], s["hi"] + 1)})
         for batch in (levels[i : i + at_once] for i in range(0, len(levels), at_once)):
-            futures = [
-                local_prune.submit(ref, iteration, layer, lv, [s["kind"] for s in subs if s["lo"] <= lv <= s["hi"]])
-                for lv in batch
-            ]
+            kinds = {lv: [s["kind"] for s in subs if s["lo"] <= lv <= s["hi"]] for lv in batch}
+            if at_once == 1:
+                entries += local_prune(ref, iteration, layer, batch[0], kinds[batch[0]])
+                continue
+            futures = [local_prune.submit(ref, iteration, layer, lv, kinds[lv]) for lv in batch]
             entries += [entry for f in futures for entry in f.result()]
         if layer != layers[-1]:
             accumulate(ref, iteration, layer)

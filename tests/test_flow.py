@@ -70,9 +70,10 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     # Prefect's cached results belong to one store and one incarnation of the run: the same run id in another
     # store, or the run deleted and redone, computes and commits its own artefacts (it used to come back Cached
-    # with nothing committed, and the next task failed on the missing plan)
+    # with nothing committed, and the next task failed on the missing plan). This one prunes two levels at once
+    # through the task runner (concurrent_prunes, outside the artefact hash), to the same result.
     other = tmp_path / "other"
-    elsewhere = tyr(preset="tiny-test", run_id="t1", store_url=f"file://{other}")
+    elsewhere = tyr(preset="tiny-test", run_id="t1", store_url=f"file://{other}", overrides=["concurrent_prunes=2"])
     assert (other / "runs" / "t1" / "iter-1" / "plan.json").is_file() and elsewhere["result"] == out["result"]
     shutil.rmtree(run_dir)
     redone = tyr(preset="tiny-test", run_id="t1", store_url=url)
