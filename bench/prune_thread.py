@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from scratch import scratch_dir
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -66,7 +68,7 @@ def in_fresh_process(where: str, layers: int) -> dict:
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", tempfile.gettempdir())},
+        env={**os.environ, "PREFECT_HOME": str(scratch_dir("tyr-prefect-"))},  # no Prefect run; keep ~/.prefect clean
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -59,8 +59,8 @@ def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
     With ``concurrent_prunes=1`` (the default) they run in the flow's own thread instead. A task-runner thread that
     runs torch gets an OpenMP team of its own, and once the process has more OpenMP threads than cores, libgomp
     stops spinning at its barriers: every parallel region of every op, in every thread, then waits for workers to
-    wake up. On CPU that made the whole SmolLM2 build 1.38-1.42x as long, with 20x the context switches
-    (``python bench/level_concurrency.py``).
+    wake up. On CPU that made the SmolLM2 build 1.16x as long, with 25x the context switches
+    (``python bench/prune_thread.py``).
     """
     from tasks.workspace import workspace
 
@@ -75,9 +75,9 @@ def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
             kinds = {lv: [s["kind"] for s in subs if s["lo"] <= lv <= s["hi"]] for lv in batch}
             if at_once == 1:
                 entries += local_prune(ref, iteration, layer, batch[0], kinds[batch[0]])
-                continue
-            futures = [local_prune.submit(ref, iteration, layer, lv, kinds[lv]) for lv in batch]
-            entries += [entry for f in futures for entry in f.result()]
+            else:
+                futures = [local_prune.submit(ref, iteration, layer, lv, kinds[lv]) for lv in batch]
+                entries += [entry for f in futures for entry in f.result()]
         if layer != layers[-1]:
             accumulate(ref, iteration, layer)
     return supernet_index(ref, iteration, entries)
