@@ -52,12 +52,13 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def core_seconds(preset: str = "tiny-test") -> float:
+def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) -> float:
     """The flow's work with plain core functions (no Prefect, no store): calibration and held-out windows,
     teacher, every iteration, the baselines, the exports and the final evaluation, in the flow's order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flows.presets import resolve_config
+    from flows.tyr import use_torch_threads
     from tasks.assets import resolve_corpus
     from tyr_core.calibration import eval_windows, load_documents
     from tyr_core.evaluate import perplexity
@@ -76,7 +77,8 @@ def core_seconds(preset: str = "tiny-test") -> float:
     from tyr_core.supernet import SupernetReader
 
     t0 = time.perf_counter()
-    cfg = resolve_config(preset)
+    cfg = resolve_config(preset, overrides=overrides)
+    use_torch_threads(cfg.torch_threads)  # as the flow does
     folder = resolve_model(cfg.model.source)
     tok = AutoTokenizer.from_pretrained(folder)
     cal = cfg.calibration.model_copy(update={"files": resolve_corpus(cfg.calibration.files)})
@@ -123,11 +125,11 @@ def core_seconds(preset: str = "tiny-test") -> float:
     return time.perf_counter() - t0
 
 
-def flow_seconds(store: str, run_id: str, preset: str = "tiny-test") -> float:
+def flow_seconds(store: str, run_id: str, preset: str = "tiny-test", overrides: list[str] | None = None) -> float:
     from flows.tyr import tyr
 
     t0 = time.perf_counter()
-    tyr(preset=preset, run_id=run_id, store_url=store)
+    tyr(preset=preset, run_id=run_id, store_url=store, overrides=overrides)
     return time.perf_counter() - t0
 
 
@@ -332,20 +334,21 @@ def resume_cost(api: httpx.Client, store: str, run_id: str, settle: bool) -> dic
     }
 
 
-def overhead(api: httpx.Client, store: str, label: str, preset: str, repeats: int) -> dict:
+def overhead(api: httpx.Client, store: str, label: str, preset: str, repeats: int, overrides: list[str]) -> dict:
     """Flow vs core, alternated and repeated: a run is seconds long and the host's speed drifts (2x within an hour
     here), so the best of each and the median of (flow, core-right-after) pairs, not one run."""
     flows, cores, server_cpu = [], [], []
     for r in range(repeats):
         wait_until_idle(api.server_pgids)
         before = cpu_seconds(api.server_pgids)
-        flows.append(flow_seconds(store, f"{label}-{r}", preset))
+        flows.append(flow_seconds(store, f"{label}-{r}", preset, overrides))
         wait_until_idle(api.server_pgids)  # the server's leftover work must not slow the core run
         server_cpu.append(cpu_seconds(api.server_pgids) - before)
-        cores.append(core_seconds(preset))
+        cores.append(core_seconds(preset, overrides))
     core, flow = min(cores), min(flows)
     return {
         "preset": preset,
+        "overrides": overrides,
         "core_s": round(core, 1),
         "flow_s": round(flow, 1),
         "ratio": round(flow / core, 2),
@@ -362,6 +365,9 @@ def main() -> None:
     default = "postgres" if postgres_bindir() else "sqlite"
     parser.add_argument("--database", choices=["postgres", "sqlite"], default=default, help=f"default: {default}")
     parser.add_argument("--preset", default="tiny-test", help="the run whose overhead is measured (default tiny-test)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="section.field=value for both paths (repeatable)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="alternated (flow, core) pairs per set (default 5)")
     parser.add_argument("--overhead-only", action="store_true", help="only the overhead at normal priority")
     parser.add_argument("--no-warmup", action="store_true", help="no warmup flow run first (for long presets)")
@@ -370,18 +376,21 @@ def main() -> None:
     with database(args.database) as (url, pgids), prefect_server(url, pgids) as api:
         emit(metric="server_database", database=args.database)
         if not args.no_warmup:
-            flow_seconds(store, "warmup", args.preset)  # model conversion and texts are ready afterwards
+            # model conversion and texts are ready afterwards
+            flow_seconds(store, "warmup", args.preset, args.overrides)
         # the server (its CPU per flow run is reported) shares this host's 2 cores with the flow
-        emit(metric="orchestration_overhead", **overhead(api, store, "measured", args.preset, args.repeats))
+        measured = overhead(api, store, "measured", args.preset, args.repeats, args.overrides)
+        emit(metric="orchestration_overhead", **measured)
         if args.overhead_only:
             return
         # the same with the server at the lowest CPU priority: what the flow costs when the server's work does not
         # compete with it, as in a deployment where the server runs on a host of its own
         for pgid in api.server_pgids:
             os.setpriority(os.PRIO_PGRP, pgid, 19)
-        niced = overhead(api, store, "niced", args.preset, args.repeats)
+        niced = overhead(api, store, "niced", args.preset, args.repeats, args.overrides)
         emit(metric="orchestration_overhead_server_niced", **niced)
-        emit(metric="rerun_committed_run", seconds=round(flow_seconds(store, "measured-0", args.preset), 1))
+        rerun = flow_seconds(store, "measured-0", args.preset, args.overrides)
+        emit(metric="rerun_committed_run", seconds=round(rerun, 1))
         emit(metric="resume_right_after_kill", **resume_cost(api, store, "resume-now", settle=False))
         emit(metric="resume_after_kill", **resume_cost(api, store, "resume", settle=True))
     emit(metric="store_throughput_seaweedfs", **store_throughput())

@@ -99,6 +99,7 @@ def tyr(
     started = time.perf_counter()
     log = get_run_logger()
     config = resolve_config(preset, target_sparsity, iterations, generations, offspring, overrides)
+    use_torch_threads(config.torch_threads)
     ref = open_run(config, run_id, store_url, endpoint_url)
     log.info("run %s in %s (config %s)", ref.run_id, ref.store_url, config.artefact_hash())
     try:
@@ -124,6 +125,15 @@ def tyr(
     finally:
         flush_artifacts()  # while the run's API client is open
         release_run(ref)
+
+
+def use_torch_threads(threads: int | None) -> None:
+    """Size torch's intra-op pool for this run (``torch_threads``; None leaves torch's default). The flow owns its
+    process under a worker, so the setting is the run's, not a library's side effect."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:

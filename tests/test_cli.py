@@ -136,6 +136,15 @@ def test_a_run_id_reused_with_another_config_is_refused_and_untouched(tmp_path, 
     assert files_under(tmp_path) == before
 
 
+def test_execution_settings_stay_outside_the_artefact_hash_and_are_validated(capsys):
+    base = resolve_config("tiny-test")
+    changed = resolve_config("tiny-test", overrides=["torch_threads=null", "concurrent_prunes=2", "keep_last=2"])
+    assert base.torch_threads == 1 and changed.torch_threads is None  # the tiny preset's own setting, overridable
+    assert changed.artefact_hash() == base.artefact_hash()  # a resume may change them
+    code, _, err = run_cli(["prune", "tiny-test", "--set", "torch_threads=0"], capsys)
+    assert code == 2 and "torch_threads" in err
+
+
 def test_a_target_the_grid_cannot_reach_exits_2(tmp_path, capsys):
     argv = ["prune", "tiny-test", "--set", "prune.target_sparsity=0.37", "--set", "prune.sparsity_tolerance=0"]
     code, _, err = run_cli([*argv, "--store", f"file://{tmp_path}"], capsys)

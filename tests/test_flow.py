@@ -32,8 +32,13 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     from flows.tyr import tyr
     from tyr_core.errors import IncompatibleRunError
 
+    import torch
+
     url = f"file://{tmp_path}"
+    threads = torch.get_num_threads()
     out = tyr(preset="tiny-test", run_id="t1", store_url=url)
+    assert torch.get_num_threads() == 1  # the preset's torch_threads, applied by the run to its process
+    torch.set_num_threads(threads)
     run_dir = tmp_path / "runs" / "t1"
     result = json.loads((run_dir / "iter-2" / "result.json").read_text())
     assert set(result["sparsities"]) and out["report"]["tyr_ppl"] > 0

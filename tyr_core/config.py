@@ -163,6 +163,13 @@ class RunConfig(_Strict):
         description="local-prune tasks of one layer that run at once. On CPU one: torch already spreads one prune over "
         "every core, and two at once took 1.6x as long per SmolLM2 layer (bench/level_concurrency.py)",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch's intra-op threads in the process that runs the flow (None: torch's default, one per core). "
+        "1 suits models too small to split an op across cores: on a host that also runs the Prefect server, two "
+        "threads made the tiny preset's local prunes 7x as long, waiting at OpenMP barriers for a descheduled worker",
+    )
     seed: int = 0
 
     @field_validator("search", mode="before")
@@ -172,8 +179,9 @@ class RunConfig(_Strict):
         return v if isinstance(v, cfg) else cfg.model_validate(v or {})
 
     def artefact_hash(self) -> str:
-        """Hash of what determines committed artefacts; eval/export/gc/concurrency settings may change on resume."""
-        return config_hash(self, exclude={"eval", "export", "keep_last", "concurrent_prunes"})
+        """Hash of what determines committed artefacts; eval/export/gc/concurrency/thread settings may change on
+        resume (a different thread count may change a sum's rounding, as another host's would, not its meaning)."""
+        return config_hash(self, exclude={"eval", "export", "keep_last", "concurrent_prunes", "torch_threads"})
 
 
 def load_run_config(data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config") -> RunConfig:
