@@ -168,7 +168,7 @@ class RunConfig(_Strict):
         ge=1,
         description="torch's intra-op threads in the process that runs the flow (None: torch's default, one per core). "
         "1 suits models too small to split an op across cores: on a host that also runs the Prefect server, two "
-        "threads made the tiny preset's local prunes 7x as long, waiting at OpenMP barriers for a descheduled worker",
+        "threads kept the tiny preset's ops waiting at OpenMP barriers for a descheduled worker (docs/architecture.md)",
     )
     seed: int = 0
 
