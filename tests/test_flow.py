@@ -29,10 +29,10 @@ def _manifests(root):
 
 
 def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_configs(harness, tmp_path):
+    import torch
+
     from flows.tyr import tyr
     from tyr_core.errors import IncompatibleRunError
-
-    import torch
 
     url = f"file://{tmp_path}"
     threads = torch.get_num_threads()
