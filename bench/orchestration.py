@@ -2,8 +2,10 @@
 
 - overhead: the flow (Prefect tasks, subflows, store commits, artifacts) vs the same work done with the plain core
   functions (calibration, teacher, iterations, baselines, exports, final evaluation), best of alternated repeats and
-  the median of (flow, core) pairs, and the CPU the server spent per flow run; once with the server sharing this
-  host's cores at normal priority, once with it at nice 19 (standing in for a server on a host of its own);
+  the median of (flow, core) pairs, the CPU the server spent per flow run, and the seconds each path spent in the
+  local pruner's compute; once with the server sharing this host's cores at normal priority, once with it at nice 19
+  (standing in for a server on a host of its own); ``--set section.field=value`` changes the run's config for both
+  paths (``--set torch_threads=null``: torch's default thread count instead of the tiny preset's 1);
 - resume cost: a run killed (SIGKILL) in iteration 2's search is started again under the same run id; seconds
   from that call to the start of the first task that does new work, and how many task runs came back ``Cached``;
 - store throughput to a real SeaweedFS.
@@ -334,17 +336,46 @@ def resume_cost(api: httpx.Client, store: str, run_id: str, settle: bool) -> dic
     }
 
 
-def overhead(api: httpx.Client, store: str, label: str, preset: str, repeats: int, overrides: list[str]) -> dict:
+class PruneClock:
+    """Wall seconds spent in ``LayerCursor.prune`` (the local pruner's compute, the same calls in both paths): where
+    the flow's ops wait at OpenMP barriers when the server deschedules torch's second thread (``torch_threads``)."""
+
+    def __init__(self) -> None:
+        from tyr_core.supernet import LayerCursor
+
+        self.seconds = 0.0
+        prune = LayerCursor.prune
+
+        def timed(cursor, sub, level):
+            t0 = time.perf_counter()
+            try:
+                return prune(cursor, sub, level)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        LayerCursor.prune = timed
+
+    def lap(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def overhead(
+    api: httpx.Client, store: str, label: str, preset: str, repeats: int, overrides: list[str], clock: PruneClock
+) -> dict:
     """Flow vs core, alternated and repeated: a run is seconds long and the host's speed drifts (2x within an hour
     here), so the best of each and the median of (flow, core-right-after) pairs, not one run."""
-    flows, cores, server_cpu = [], [], []
+    flows, cores, server_cpu, flow_prunes, core_prunes = [], [], [], [], []
     for r in range(repeats):
         wait_until_idle(api.server_pgids)
         before = cpu_seconds(api.server_pgids)
+        clock.lap()
         flows.append(flow_seconds(store, f"{label}-{r}", preset, overrides))
+        flow_prunes.append(clock.lap())
         wait_until_idle(api.server_pgids)  # the server's leftover work must not slow the core run
         server_cpu.append(cpu_seconds(api.server_pgids) - before)
         cores.append(core_seconds(preset, overrides))
+        core_prunes.append(clock.lap())
     core, flow = min(cores), min(flows)
     return {
         "preset": preset,
@@ -357,6 +388,10 @@ def overhead(api: httpx.Client, store: str, label: str, preset: str, repeats: in
         "all_core_s": [round(t, 1) for t in cores],
         "all_flow_s": [round(t, 1) for t in flows],
         "server_cpu_s_per_flow_run": round(statistics.median(server_cpu), 1),
+        "local_prune_s_median": {
+            "flow": round(statistics.median(flow_prunes), 3),
+            "core": round(statistics.median(core_prunes), 3),
+        },
     }
 
 
@@ -373,13 +408,14 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true", help="no warmup flow run first (for long presets)")
     args = parser.parse_args()
     store = f"file://{scratch_dir('tyr-store-')}"
+    clock = PruneClock()
     with database(args.database) as (url, pgids), prefect_server(url, pgids) as api:
         emit(metric="server_database", database=args.database)
         if not args.no_warmup:
             # model conversion and texts are ready afterwards
             flow_seconds(store, "warmup", args.preset, args.overrides)
         # the server (its CPU per flow run is reported) shares this host's 2 cores with the flow
-        measured = overhead(api, store, "measured", args.preset, args.repeats, args.overrides)
+        measured = overhead(api, store, "measured", args.preset, args.repeats, args.overrides, clock)
         emit(metric="orchestration_overhead", **measured)
         if args.overhead_only:
             return
@@ -387,7 +423,7 @@ def main() -> None:
         # compete with it, as in a deployment where the server runs on a host of its own
         for pgid in api.server_pgids:
             os.setpriority(os.PRIO_PGRP, pgid, 19)
-        niced = overhead(api, store, "niced", args.preset, args.repeats, args.overrides)
+        niced = overhead(api, store, "niced", args.preset, args.repeats, args.overrides, clock)
         emit(metric="orchestration_overhead_server_niced", **niced)
         rerun = flow_seconds(store, "measured-0", args.preset, args.overrides)
         emit(metric="rerun_committed_run", seconds=round(rerun, 1))
