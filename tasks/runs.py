@@ -112,6 +112,9 @@ def acquire_lock(store: Store, run_id: str) -> None:
 
 
 def release_run(ref: RunRef) -> None:
+    """The run is over in this process: its lock is released, and its workspace (models, search cache, activations)
+    with it, so that a process that drives several runs (a notebook, the bench, the tests) does not keep each one's."""
+    forget(ref)
     store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
     try:
         lock = json.loads(store.get_bytes(keys.LOCK_KEY))

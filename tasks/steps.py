@@ -192,7 +192,7 @@ def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
 def supernet_index(ref: RunRef, iteration: int, entries: list[dict]) -> dict:
     """Commit the checksummed index that defines the supernet's search space."""
     ws = workspace(ref)
-    ws.drop_committed_copies()  # the last layer's: no accumulate replays it
+    ws.end_build()  # the activations and the last layer's held copies (no accumulate replays it) are not needed again
     key = keys.supernet_index_key(iteration)
     if not is_committed(ws.store, key):
         plan_ = ws.plan(iteration)

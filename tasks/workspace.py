@@ -122,8 +122,11 @@ class Workspace:
         with self.lock:
             self._fresh[key] = as_serialised
 
-    def drop_committed_copies(self) -> None:
+    def end_build(self) -> None:
+        """The supernet is committed: free the build's cursor (the calibration activations, gigabytes on a 70B model,
+        and the last layer's Hessians) and any copies still held, before the search loads its model."""
         with self.lock:
+            self._cursors = {}
             self._fresh = {}
 
     def copies(self, iteration: int, sublayers, layer: int):

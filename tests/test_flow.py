@@ -32,6 +32,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     import torch
 
     from flows.tyr import tyr
+    from tasks.workspace import _WORKSPACES, RunRef
     from tyr_core.errors import IncompatibleRunError
 
     url = f"file://{tmp_path}"
@@ -39,6 +40,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     out = tyr(preset="tiny-test", run_id="t1", store_url=url)
     assert torch.get_num_threads() == 1  # the preset's torch_threads, applied by the run to its process
     torch.set_num_threads(threads)
+    assert RunRef(run_id="t1", store_url=url) not in _WORKSPACES  # the ended run's models and caches were released
     run_dir = tmp_path / "runs" / "t1"
     result = json.loads((run_dir / "iter-2" / "result.json").read_text())
     assert set(result["sparsities"]) and out["report"]["tyr_ppl"] > 0
@@ -57,7 +59,6 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
     from tasks.steps import local_prune
-    from tasks.workspace import RunRef
     from tyr_core import artifacts as keys
 
     index = json.loads((run_dir / keys.supernet_index_key(2)).read_text())

@@ -3,7 +3,11 @@ committed bytes; a worker that did not prune them (a resumed build) reads the sa
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
+from safetensors.torch import save_file
 
 from flows.presets import resolve_config
 from tasks.storage import run_store
@@ -11,7 +15,7 @@ from tasks.workspace import RunRef, Workspace
 from tyr_core import artifacts as keys
 from tyr_core.grid import Sublayer
 from tyr_core.pruned import PrunedSublayer
-from tyr_core.store import commit_bytes
+from tyr_core.store import commit_bytes, commit_file
 from tyr_core.supernet import copy_bytes
 
 
@@ -49,6 +53,20 @@ def test_dropped_or_new_iteration_copies_are_not_held(tmp_path):
     copy = PrunedSublayer(kept=torch.tensor([0, 1]), weight=torch.ones(2, 2))
     commit_bytes(ws.store, key, copy_bytes(copy), "cfg")
     ws.keep_committed_copy(key, copy)
-    ws.drop_committed_copies()
+    ws.end_build()
     assert not ws._fresh
     assert torch.equal(ws.copies(1, [sub], 0)["attn"][0].weight, copy.weight)  # read from the store
+
+
+def test_the_build_is_freed_once_the_supernet_is_committed(tmp_path):
+    """``end_build`` (the supernet-index task) frees the cursor: the calibration activations and the last layer's
+    Hessians are gigabytes on a large model, and the search that follows does not need them."""
+    ws = _workspace(tmp_path)
+    path = tmp_path / "w.safetensors"
+    save_file({"windows": torch.randint(0, 100, (2, 8))}, str(path))
+    commit_file(ws.store, keys.calibration_key(), path, "cfg")
+    cursor = weakref.ref(ws.cursor(1, []))
+    assert cursor() is not None and ws.cursor(1, []) is cursor()  # one cursor per build, kept between tasks
+    ws.end_build()
+    gc.collect()
+    assert cursor() is None
