@@ -224,7 +224,7 @@ def database(kind: str):
 
 
 @contextlib.contextmanager
-def prefect_server(database_url: str | None, database_pgids: tuple[int, ...]):
+def prefect_server(database_url: str | None, database_pgids: tuple[int, ...], services: bool = True):
     """A real ``prefect server start`` on a free loopback port; this process and its children use it.
 
     ``api.server_pgids``: the process groups whose CPU is the server's (its own and its database's)."""
@@ -234,7 +234,8 @@ def prefect_server(database_url: str | None, database_pgids: tuple[int, ...]):
     if database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        + ([] if services else ["--no-services"]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -405,11 +406,16 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="alternated (flow, core) pairs per set (default 5)")
     parser.add_argument("--overhead-only", action="store_true", help="only the overhead at normal priority")
+    parser.add_argument(
+        "--no-services",
+        action="store_true",
+        help="the server without its background services (a probe: it records no task runs, so no UI of them)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="no warmup flow run first (for long presets)")
     args = parser.parse_args()
     store = f"file://{scratch_dir('tyr-store-')}"
     clock = PruneClock()
-    with database(args.database) as (url, pgids), prefect_server(url, pgids) as api:
+    with database(args.database) as (url, pgids), prefect_server(url, pgids, not args.no_services) as api:
         emit(metric="server_database", database=args.database)
         if not args.no_warmup:
             # model conversion and texts are ready afterwards
