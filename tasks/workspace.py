@@ -107,8 +107,7 @@ class Workspace:
     def cursor(self, iteration: int, sublayers) -> LayerCursor:
         with self.lock:
             if iteration not in self._cursors:
-                self._cursors = {}  # one build at a time: free the previous iteration's activations
-                self._fresh = {}
+                self.end_build()  # one build at a time: free the previous iteration's activations
                 settings = prune_settings(self.config.prune, spill_dir=self.cache)
                 self._cursors[iteration] = LayerCursor(self.model, self.calibration(), settings)
             return self._cursors[iteration]
