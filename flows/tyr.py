@@ -36,7 +36,10 @@ from tyr_core import artifacts as keys
 from tyr_core.config import MAX_CONCURRENT_PRUNES
 from tyr_core.store import is_committed
 
+from . import heartbeats
 from .presets import resolve_config
+
+heartbeats.install()  # every run's end no longer waits up to 1 s for Prefect's heartbeat thread (flows/heartbeats.py)
 
 
 @flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES))
@@ -145,9 +148,9 @@ def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
         return recentre_interval(ref, iteration, generations)
     committed = is_committed(store, keys.supernet_index_key(iteration))
     # No heartbeats of its own: the subflow runs in this process and thread, so the run's heartbeat already says
-    # whether it is alive, and Prefect ends each heartbeat thread by joining it through a 1 s sleep (0.5 s per
-    # subflow on average, measured by bench/orchestration.py). After a node dies, zombie detection marks the run
-    # Crashed; the subflow, like every task run, shows its last state until the run is retried and continues it.
+    # whether it is alive; a heartbeat thread per subflow would add a thread and events that say nothing more. After a
+    # node dies, zombie detection marks the run Crashed; the subflow, like every task run, shows its last state until
+    # the run is retried and continues it.
     with _without_heartbeats():
         return iteration_flow(ref, iteration, generations, committed)
 
