@@ -2,10 +2,11 @@
 
 - overhead: the flow (Prefect tasks, subflows, store commits, artifacts) vs the same work done with the plain core
   functions (calibration, teacher, iterations, baselines, exports, final evaluation), best of alternated repeats and
-  the median of (flow, core) pairs, the CPU the server spent per flow run, and the seconds each path spent in the
-  local pruner's compute; once with the server sharing this host's cores at normal priority, once with it at nice 19
-  (standing in for a server on a host of its own); ``--set section.field=value`` changes the run's config for both
-  paths (``--set torch_threads=null``: torch's default thread count instead of the tiny preset's 1);
+  the median of (flow, core) pairs (each pair's order alternates), the CPU the server spent per flow run, and the
+  seconds each path spent in the local pruner's compute; once with the server sharing this host's cores at normal
+  priority, once with it at nice 19 (standing in for a server on a host of its own); ``--set section.field=value``
+  changes the run's config for both paths (``--set torch_threads=null``: torch's default thread count instead of the
+  tiny preset's 1);
 - resume cost: a run killed (SIGKILL) in iteration 2's search is started again under the same run id; seconds
   from that call to the start of the first task that does new work, and how many task runs came back ``Cached``;
 - store throughput to a real SeaweedFS.
@@ -365,18 +366,32 @@ def overhead(
     api: httpx.Client, store: str, label: str, preset: str, repeats: int, overrides: list[str], clock: PruneClock
 ) -> dict:
     """Flow vs core, alternated and repeated: a run is seconds long and the host's speed drifts (2x within an hour
-    here), so the best of each and the median of (flow, core-right-after) pairs, not one run."""
+    here; within one set, runs of either kind got 20-30% slower from first to last), so the best of each and the
+    median of (flow, core) pairs, not one run. The pairs take turns at which runs first (flow-core, core-flow, ...),
+    so a steady drift favours neither."""
     flows, cores, server_cpu, flow_prunes, core_prunes = [], [], [], [], []
-    for r in range(repeats):
+
+    def run_flow(r: int) -> None:
         wait_until_idle(api.server_pgids)
         before = cpu_seconds(api.server_pgids)
         clock.lap()
         flows.append(flow_seconds(store, f"{label}-{r}", preset, overrides))
         flow_prunes.append(clock.lap())
-        wait_until_idle(api.server_pgids)  # the server's leftover work must not slow the core run
+        wait_until_idle(api.server_pgids)  # the server's leftover work must not slow the next run
         server_cpu.append(cpu_seconds(api.server_pgids) - before)
+
+    def run_core() -> None:
+        clock.lap()
         cores.append(core_seconds(preset, overrides))
         core_prunes.append(clock.lap())
+
+    for r in range(repeats):
+        if r % 2 == 0:
+            run_flow(r)
+            run_core()
+        else:
+            run_core()
+            run_flow(r)
     core, flow = min(cores), min(flows)
     return {
         "preset": preset,
