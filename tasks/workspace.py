@@ -109,7 +109,7 @@ class Workspace:
             if iteration not in self._cursors:
                 self.end_build()  # one build at a time: free the previous iteration's activations
                 settings = prune_settings(self.config.prune, spill_dir=self.cache)
-                self._cursors[iteration] = LayerCursor(self.model, self.calibration(), settings)
+                self._cursors[iteration] = LayerCursor(self.model, self.calibration(), settings, list(sublayers))
             return self._cursors[iteration]
 
     def keep_committed_copy(self, key: str, copy: PrunedSublayer) -> None:

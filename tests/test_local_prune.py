@@ -83,3 +83,21 @@ def test_dense_target_refit_fits_dense_outputs_from_pruned_inputs():
     assert grad[:, copy.kept].abs().max() / grad.abs().max() < 1e-4
     err = lambda m: float(((x @ w.t()) - (x_pruned @ m.float().t())).pow(2).sum())  # noqa: E731
     assert err(full) < err(scatter_columns(prune_linear(w, h, 1, 40, 16), 64, 1))
+
+
+def test_first_order_weight_one_is_the_reference_and_zero_is_pure_obs():
+    w, h = _problem(seed=5)
+    default = prune_linear(w, h, 1, 24, 4)
+    one = prune_linear(w, h, 1, 24, 4, first_order=1.0)
+    assert torch.equal(default.kept, one.kept) and torch.equal(default.weight, one.weight)
+    assert not torch.equal(prune_linear(w, h, 1, 24, 4, first_order=0.0).kept, one.kept)
+    # pure OBS ranks groups by the error left after compensation: over several problems it leaves less of it
+    ratios = []
+    for seed in range(4):
+        w, h = _problem(seed=seed)
+        err = [
+            layer_error(w, damp(h, 0.01), scatter_columns(prune_linear(w, h, 1, 32, 16, first_order=f), 64, 1))
+            for f in (0.0, 1.0)
+        ]
+        ratios.append(err[0] / err[1])
+    assert sum(ratios) / len(ratios) < 0.97

@@ -210,3 +210,27 @@ def test_dense_refit_target_keeps_a_dense_stream_beside_the_pruned_one(tiny_fold
     plain.advance(subs, copies)
     sub = subs[3]
     assert not torch.allclose(cursor.prune(sub, 0).weight, plain.prune(sub, 0).weight)
+
+
+def test_mlp_statistics_after_attention_see_the_expected_attention(tiny_folder, windows):
+    folder = tiny_folder("llama")
+    subs = build_sublayers({"attn": 4, "mlp": 128}, 2, CENTRES, 0.25, 9)
+    plain = LayerCursor(LayerwiseModel(folder), windows, PruneSettings())
+    after = LayerCursor(LayerwiseModel(folder), windows, PruneSettings(mlp_after_attention=True), subs)
+    # attention statistics are unchanged; the MLP's are those of a block whose o_proj has its expected weight
+    torch.testing.assert_close(after.hessians()["attn"], plain.hessians()["attn"], atol=0, rtol=0)
+    assert not torch.allclose(after.hessians()["mlp"], plain.hessians()["mlp"], rtol=1e-3)
+    copies = {lv: plain.prune(subs[0], lv) for lv in subs[0].levels}
+    lm = LayerwiseModel(folder)
+    block = lm.block(0)
+    lin = output_linear(block, "attn")
+    with torch.no_grad():
+        from tyr_core.supernet import expected_weight, layer_stats
+
+        lin.weight.copy_(expected_weight(subs[0], copies, lin.weight.detach(), lm.geometry, "expectation"))
+    inputs = Activations((24, 32, 64), torch.float32, 1 << 30, None)
+    embed_windows(lm, windows, inputs, 8)
+    want = layer_stats(block, inputs, lm.position_embeddings(32), 8)["mlp"]
+    torch.testing.assert_close(after.hessians()["mlp"], want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="sublayers"):
+        LayerCursor(LayerwiseModel(folder), windows, PruneSettings(mlp_after_attention=True))

@@ -38,6 +38,12 @@ class CalibrationConfig(_Strict):
     seq_len: int = Field(512, gt=1, description="tokens per window")
     num_windows: int = Field(128, gt=0, description="windows (packed) or num_windows*seq_len tokens (reference)")
     seed: int = 0
+    validation_windows: int = Field(
+        0,
+        ge=0,
+        description="windows drawn after the calibration windows, disjoint from them, that the search's fitness "
+        "scores on (the teacher's windows); 0 scores the first calibration windows, as the reference does",
+    )
     holdout: list[str] = Field(default_factory=list, description="files for held-out evaluation (whole works)")
 
     @model_validator(mode="after")
@@ -60,8 +66,22 @@ class PruneConfig(_Strict):
     refit_target: Literal["pruned", "dense"] = Field(
         "pruned", description="fit the dense weight on pruned inputs (reference) or the dense model's outputs"
     )
+    first_order: float = Field(
+        1.0,
+        ge=0.0,
+        description="weight of the signed first-order term in the group saliency: 1 the reference, 0 pure OBS",
+    )
+    mlp_after_attention: bool = Field(
+        False, description="collect the MLP's statistics after the same layer's attention takes its expected weight"
+    )
     batch_size: int = Field(8, ge=1)
     activation_memory_mb: int = Field(4096, ge=1, description="calibration activations above this spill to disk")
+
+    @model_validator(mode="after")
+    def _mlp_after_attention_needs_pruned_refit(self) -> PruneConfig:
+        if self.mlp_after_attention and self.refit_target == "dense":
+            raise ValueError("mlp_after_attention works with refit_target=pruned only; unset one of them")
+        return self
 
     @field_validator("num_levels")
     @classmethod

@@ -38,8 +38,20 @@ def _split_rounds(to_remove: int, rounds: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(rounds)]
 
 
-def _scores(w: torch.Tensor, hinv: torch.Tensor, g: torch.Tensor, group_size: int, pruned: torch.Tensor):
-    """Saliency of every group: OBS removal cost + signed first-order term ``<W_g, G_g>`` (ALGORITHM.md §2.2.4)."""
+def _scores(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    g: torch.Tensor,
+    group_size: int,
+    pruned: torch.Tensor,
+    first_order: float = 1.0,
+) -> torch.Tensor:
+    """Saliency of every group: OBS removal cost + ``first_order`` x the signed first-order term ``<W_g, G_g>``.
+
+    The OBS cost ``w_g^T [H^-1]_gg^-1 w_g / 2`` is the output error left after the other groups compensate for the
+    removed one. At the dense start ``<W_g, (H W)_g>`` is the share of the output's energy that the group carries,
+    so with weight 1 (the reference) selection follows output energy; with 0 it is pure OBS (docs/algorithm.md).
+    """
     n_groups = w.shape[0] // group_size
     first = (w * g).reshape(n_groups, group_size, -1).sum(dim=(1, 2))
     if group_size == 1:
@@ -52,7 +64,7 @@ def _scores(w: torch.Tensor, hinv: torch.Tensor, g: torch.Tensor, group_size: in
         wg = w.reshape(n_groups, group_size, -1)
         solved = torch.linalg.solve(blocks, wg)
         second = 0.5 * (wg * solved).sum(dim=(1, 2))
-    score = second + first
+    score = second + first_order * first if first_order else second
     score[pruned] = _PRUNED_SCORE
     return score
 
@@ -97,11 +109,18 @@ def prepare(
     b = weight.detach().float().t().contiguous()
     b[torch.diagonal(hessian) == 0] = 0
     h = damp(hessian, damping)
-    g = h @ b if cross is None else (cross.float() + (h - hessian.float())) @ b
+    if cross is None:
+        g = h @ b
+    else:
+        g = (cross.float() + (h - hessian.float())) @ b
+        # the selection's OBS chain must start from the optimum of the same objective the refit solves
+        b = torch.linalg.solve(h.double(), g.double()).float()
     return LocalProblem(weight, b, h, g, torch.linalg.inv(h.double()).float())
 
 
-def select_groups(problem: LocalProblem, group_size: int, keep: int, rounds: int) -> torch.Tensor:
+def select_groups(
+    problem: LocalProblem, group_size: int, keep: int, rounds: int, first_order: float = 1.0
+) -> torch.Tensor:
     """Greedy group removal with OBS updates; returns the sorted indices of the ``keep`` surviving groups."""
     b, g = problem.b, problem.g
     n_groups = b.shape[0] // group_size
@@ -115,14 +134,19 @@ def select_groups(problem: LocalProblem, group_size: int, keep: int, rounds: int
     to_remove = n_groups - keep - int(pruned.sum())
     if to_remove > 0:
         for count in _split_rounds(to_remove, rounds):
-            chosen = torch.topk(_scores(w, hinv, g, group_size, pruned), count, largest=False).indices
+            chosen = torch.topk(_scores(w, hinv, g, group_size, pruned, first_order), count, largest=False).indices
             _obs_remove(w, hinv, _group_rows(chosen, group_size))
             pruned[chosen] = True
     return (~pruned).nonzero().flatten()[:keep]
 
 
 def prune_prepared(
-    problem: LocalProblem, group_size: int, keep: int, rounds: int, refit_weights: bool = True
+    problem: LocalProblem,
+    group_size: int,
+    keep: int,
+    rounds: int,
+    refit_weights: bool = True,
+    first_order: float = 1.0,
 ) -> PrunedSublayer:
     """Prune a prepared sublayer down to ``keep`` input groups (see ``prune_linear``)."""
     weight, b = problem.weight, problem.b
@@ -134,7 +158,7 @@ def prune_prepared(
         return PrunedSublayer(torch.arange(n_groups), b.t().to(weight.dtype).contiguous())
     if keep == 0:  # sparsity 1: the sublayer is removed
         return PrunedSublayer(torch.zeros(0, dtype=torch.long), weight.new_zeros(d_out, 0))
-    kept = select_groups(problem, group_size, keep, rounds)
+    kept = select_groups(problem, group_size, keep, rounds, first_order)
     rows = _group_rows(kept, group_size)
     kept_b = refit(problem.h, problem.g, rows) if refit_weights else b[rows]
     return PrunedSublayer(kept, kept_b.t().to(weight.dtype).contiguous())
@@ -148,6 +172,7 @@ def prune_linear(
     rounds: int,
     damping: float = 0.01,
     refit_weights: bool = True,
+    first_order: float = 1.0,
 ) -> PrunedSublayer:
     """Prune the input groups of one linear layer (``o_proj`` or ``down_proj``) down to ``keep`` groups.
 
@@ -159,12 +184,13 @@ def prune_linear(
         rounds: removal rounds (1 for attention, 16 for the MLP by default).
         damping: fraction of the mean Hessian diagonal added to its diagonal.
         refit_weights: if False, keep the dense values of the surviving columns (for ablations and tests).
+        first_order: weight of the signed first-order term in the saliency (1: the reference, 0: pure OBS).
 
     Returns:
         The kept group indices and the refitted weight on the kept columns, ``(d_out, keep * group_size)``,
         in ``weight``'s dtype.
     """
-    return prune_prepared(prepare(weight, hessian, damping), group_size, keep, rounds, refit_weights)
+    return prune_prepared(prepare(weight, hessian, damping), group_size, keep, rounds, refit_weights, first_order)
 
 
 def magnitude_prune(weight: torch.Tensor, group_size: int, keep: int) -> PrunedSublayer:

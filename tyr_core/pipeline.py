@@ -54,6 +54,29 @@ def calibration_windows(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
     return torch.stack(pieces)
 
 
+def calibration_split(cfg: CalibrationConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(refit windows, validation windows)``: the copies are refitted on the first, the search scores the second.
+
+    Both come from one draw of ``num_windows + validation_windows`` windows, so the refit windows are the same as
+    without a validation split. With ``validation_windows=0`` the search scores the refit windows themselves.
+
+    Raises:
+        CalibrationError: if the text holds too few windows for a disjoint validation split.
+    """
+    if cfg.validation_windows == 0:
+        windows = calibration_windows(cfg, tokenizer)
+        return windows, windows
+    total = cfg.num_windows + cfg.validation_windows
+    windows = calibration_windows(cfg.model_copy(update={"num_windows": total}), tokenizer)
+    if windows.shape[0] <= cfg.num_windows:
+        raise CalibrationError(
+            f"the calibration text holds {windows.shape[0]} windows of {cfg.seq_len} tokens: too few for "
+            f"calibration.num_windows={cfg.num_windows} plus a disjoint validation split; lower "
+            "calibration.validation_windows or num_windows, or add text"
+        )
+    return windows[: cfg.num_windows], windows[cfg.num_windows :]
+
+
 def prune_settings(cfg: PruneConfig, spill_dir=None) -> PruneSettings:
     return PruneSettings(
         damping=cfg.damping,
@@ -61,6 +84,8 @@ def prune_settings(cfg: PruneConfig, spill_dir=None) -> PruneSettings:
         mlp_rounds=cfg.mlp_rounds,
         accumulation=cfg.accumulation,
         refit_target=cfg.refit_target,
+        first_order=cfg.first_order,
+        mlp_after_attention=cfg.mlp_after_attention,
         batch_size=cfg.batch_size,
         activation_budget_bytes=cfg.activation_memory_mb << 20,
         spill_dir=spill_dir,
@@ -106,6 +131,7 @@ class IterationResult:
     fitness: float | None
     sparsities: dict[str, float]
     next_centres: dict
+    validation_fitness: float | None  # the winner's fitness on every window the teacher covers
     supernet_s: float
     search_s: float
     generation_s: list[float]
@@ -121,8 +147,13 @@ def run_iteration_local(
     centres: dict,
     workdir: Path,
     progress: Progress | None = None,
+    search_windows: torch.Tensor | None = None,
 ) -> IterationResult:
-    """One coarse-to-fine iteration with plain core functions (no orchestration): supernet, then search."""
+    """One coarse-to-fine iteration with plain core functions (no orchestration): supernet, then search.
+
+    ``windows`` refit the copies; the search scores ``search_windows`` (the windows the teacher was computed on;
+    default: the first of ``windows``), and the winner is scored on all of them for the validation fitness.
+    """
     from .fitness import make_kl_evaluator
     from .prefix import PrefixForward
     from .search import initial_state, run_generation
@@ -137,7 +168,7 @@ def run_iteration_local(
     model.config._attn_implementation = "sdpa"
     sm = SupernetModel(model, SupernetReader(out), lm.geometry)
     forward = PrefixForward(model, subs, (2 << 30) if cfg.search.prefix_sharing else 0)
-    search_windows = windows[: teacher.index["windows"]]
+    search_windows = (windows if search_windows is None else search_windows)[: teacher.index["windows"]]
     evaluate = make_kl_evaluator(sm.apply, forward.logits, search_windows, teacher)
     state = initial_state(subs, cfg.seed + iteration, iteration)
     gen_s = []
@@ -148,10 +179,13 @@ def run_iteration_local(
         gen_s.append(time.perf_counter() - g0)
         if progress:
             progress("search", state.generation, cfg.search.generations)
+    forward.set_reference(state.parent)
+    validation = evaluate(state.parent, list(range(search_windows.shape[0])))
     return IterationResult(
         iteration=iteration,
         levels=state.parent,
         fitness=state.parent_fitness,
+        validation_fitness=validation,
         sparsities={s.name: s.sparsity(lv) for s, lv in zip(subs, state.parent, strict=True)},
         next_centres=recentre(subs, state.parent),
         supernet_s=supernet_s,

@@ -42,6 +42,8 @@ class PruneSettings:
     mlp_rounds: int = 16
     accumulation: Accumulation = "expectation"
     refit_target: RefitTarget = "pruned"  # "dense": fit the dense model's outputs (see prepare())
+    first_order: float = 1.0  # weight of the saliency's first-order term (local_prune._scores)
+    mlp_after_attention: bool = False  # the MLP's H sees the same layer's expected attention weight
     batch_size: int = 8
     activation_budget_bytes: int = 4 << 30
     spill_dir: Path | None = None
@@ -97,7 +99,7 @@ def prune_copy(
     """One supernet copy: sublayer ``sub`` with ``sub.removed(level)`` groups removed."""
     rounds = settings.attn_rounds if sub.kind == "attn" else settings.mlp_rounds
     keep = sub.groups - sub.removed(level)
-    return prune_prepared(problem, geo.group_size(sub.kind), keep, rounds)
+    return prune_prepared(problem, geo.group_size(sub.kind), keep, rounds, first_order=settings.first_order)
 
 
 def expected_weight(
@@ -186,8 +188,16 @@ class LayerCursor:
     Hessians and the prepared local problems of the current layer are kept for the local-prune steps.
     """
 
-    def __init__(self, model: LayerwiseModel, windows: torch.Tensor, settings: PruneSettings):
-        self.model, self.settings = model, settings
+    def __init__(
+        self,
+        model: LayerwiseModel,
+        windows: torch.Tensor,
+        settings: PruneSettings,
+        sublayers: list[Sublayer] | None = None,
+    ):
+        if settings.mlp_after_attention and sublayers is None:
+            raise ValueError("mlp_after_attention needs the build's sublayers to form the attention's expected weight")
+        self.model, self.settings, self.sublayers = model, settings, sublayers
         n, t = windows.shape
         shape = (n, t, model.geometry.hidden)
         budget, spill = settings.activation_budget_bytes, settings.spill_dir
@@ -225,7 +235,33 @@ class LayerCursor:
                 else:
                     dense_inputs = self._dense[self.layer % 2]
                     self._hessians, self._cross = paired_stats(block, self.inputs, dense_inputs, self.pos, bs)
+                if self.settings.mlp_after_attention and self.settings.accumulation != "none":
+                    self._hessians["mlp"] = self._mlp_hessian_after_attention()
             return self._hessians
+
+    def _mlp_hessian_after_attention(self) -> torch.Tensor:
+        """``H`` of ``down_proj`` with the layer's attention at its expected weight, as the next layer will see it."""
+        attn = next((s for s in self.sublayers if s.layer == self.layer and s.kind == "attn"), None)
+        if attn is None:
+            return self._hessians["mlp"]
+        problem = prepare(
+            output_linear(self._current_block(), "attn").weight.detach().clone(),
+            self._hessians["attn"],
+            self.settings.damping,
+            self._cross["attn"] if self._cross is not None else None,
+        )
+        self._problems["attn"] = problem
+        copies = {level: prune_copy(problem, attn, level, self.model.geometry, self.settings) for level in attn.levels}
+        lin = output_linear(self._current_block(), "attn")
+        dense = lin.weight.detach().clone()
+        expected = expected_weight(attn, copies, dense, self.model.geometry, self.settings.accumulation)
+        try:
+            with torch.no_grad():
+                lin.weight.copy_(expected)
+            return layer_stats(self._current_block(), self.inputs, self.pos, self.settings.batch_size)["mlp"]
+        finally:
+            with torch.no_grad():
+                lin.weight.copy_(dense)
 
     def problem(self, kind: Kind) -> LocalProblem:
         """The prepared local problem (damped H, G, H^-1) of the current layer's sublayer, shared by its levels."""
@@ -291,7 +327,7 @@ def build_supernet(build: SupernetBuild, progress: Progress | None = None) -> di
 
     Returns the index (also written to ``out_dir/index.json``).
     """
-    cursor = LayerCursor(build.model, build.windows, build.settings)
+    cursor = LayerCursor(build.model, build.windows, build.settings, build.sublayers)
     entries: list[dict] = []
     for layer in range(build.model.num_layers):
         copies: dict[Kind, dict[int, PrunedSublayer]] = {}
