@@ -69,7 +69,7 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
     from tyr_core.families import resolve_model
     from tyr_core.fitness import TeacherTopK, write_teacher_topk
     from tyr_core.layerwise import LayerwiseModel
-    from tyr_core.params import dense_params, layout_params
+    from tyr_core.param_count import dense_params, layout_params
     from tyr_core.pipeline import (
         apply_layout,
         calibration_windows,
@@ -259,7 +259,7 @@ def prefect_server(database_url: str | None, database_pgids: tuple[int, ...], se
 def kill_during_search(store: str, run_id: str) -> None:
     """Run the flow in a child process and SIGKILL it once iteration 2's first generation is committed."""
     from tasks.storage import run_store
-    from tyr_core import artifacts as keys
+    from tyr_core import keys
     from tyr_core.store import is_committed
 
     code = (

@@ -30,7 +30,7 @@ from tyr_core.config import RunConfig  # noqa: E402
 from tyr_core.evaluate import perplexity  # noqa: E402
 from tyr_core.fitness import TeacherTopK, write_teacher_topk  # noqa: E402
 from tyr_core.layerwise import LayerwiseModel  # noqa: E402
-from tyr_core.params import layout_params  # noqa: E402
+from tyr_core.param_count import layout_params  # noqa: E402
 from tyr_core.pipeline import (  # noqa: E402
     apply_layout,
     calibration_windows,

@@ -33,7 +33,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.errors import ConfigError, IncompatibleRunError, RunLockedError, StoreError, TyrError
 
 err_console = Console(stderr=True, soft_wrap=True)  # progress, notes and errors: never wrapped mid-line
@@ -880,7 +880,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from tyr_core.calibration import eval_windows
     from tyr_core.evaluate import perplexity
-    from tyr_core.params import count_module_params
+    from tyr_core.param_count import count_module_params
 
     quiet_libraries()
     with refusing():

@@ -32,7 +32,7 @@ from tasks.steps import (
     teacher,
 )
 from tasks.workspace import RunRef
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.config import MAX_CONCURRENT_PRUNES
 from tyr_core.store import is_committed
 

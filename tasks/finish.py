@@ -8,10 +8,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.evaluate import perplexity
 from tyr_core.export import save_compact, save_masked, save_nemotron, write_sparsity_report
-from tyr_core.params import dense_params, layout_params
+from tyr_core.param_count import dense_params, layout_params
 from tyr_core.pipeline import apply_layout, magnitude_layout
 from tyr_core.store import commit_bytes, commit_file, is_committed, read_json
 

@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.config import RunConfig
 from tyr_core.errors import IncompatibleRunError, RunLockedError
 from tyr_core.families import default_cache_dir

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentialsError, StoreError, TyrError
 from tyr_core.fitness import TeacherTopK, make_kl_evaluator, write_teacher_topk
 from tyr_core.grid import Sublayer, recentre

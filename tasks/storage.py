@@ -35,7 +35,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.errors import (
     ConfigError,
     MissingArtefactError,

@@ -17,14 +17,14 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file
 
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.config import RunConfig, load_run_config
 from tyr_core.families import default_cache_dir, resolve_model
 from tyr_core.layerwise import LayerwiseModel
 from tyr_core.pipeline import prune_settings
 from tyr_core.prefix import PrefixForward
-from tyr_core.pruned import PrunedSublayer
 from tyr_core.store import Store, fetch_verified, hash_file, read_json, read_manifest
+from tyr_core.sublayer_layout import PrunedSublayer
 from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy, stored_tensors
 
 from .storage import run_store

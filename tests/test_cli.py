@@ -21,7 +21,7 @@ import yaml
 from flows.cli import committed_phases, main, one_line, redact
 from flows.presets import preset_path, resolve_config
 from tasks.storage import open_store, run_store
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.store import commit_bytes, is_committed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from tyr_core.errors import CalibrationError
 from tyr_core.evaluate import accuracy, latency, lm_eval_tasks, perplexity, text_windows
 from tyr_core.export import build_compact_model, masked_model
-from tyr_core.pruned import PrunedSublayer
+from tyr_core.sublayer_layout import PrunedSublayer
 
 BOS = 1
 

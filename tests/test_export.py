@@ -34,8 +34,8 @@ from tyr_core.export import (
     validate_nemotron,
     write_sparsity_report,
 )
-from tyr_core.params import count_module_params, dense_params, layout_params
-from tyr_core.pruned import PrunedSublayer
+from tyr_core.param_count import count_module_params, dense_params, layout_params
+from tyr_core.sublayer_layout import PrunedSublayer
 
 ATOL = RTOL = 1e-5
 

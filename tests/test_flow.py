@@ -59,7 +59,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
     from tasks.steps import local_prune
-    from tyr_core import artifacts as keys
+    from tyr_core import keys
 
     index = json.loads((run_dir / keys.supernet_index_key(2)).read_text())
     entry = index["copies"][-1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tyr_core.local_prune import damp, layer_error, magnitude_prune, prune_linear
-from tyr_core.pruned import scatter_columns
+from tyr_core.sublayer_layout import scatter_columns
 
 
 def _problem(d_in=64, d_out=48, n=512, seed=0):

@@ -30,7 +30,7 @@ from moto.server import ThreadedMotoServer
 
 from tasks.seaweed import EmbeddedSeaweed
 from tasks.storage import S3Store, check_store, open_store, run_store
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.errors import (
     ArtefactError,
     ConfigError,

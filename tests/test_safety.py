@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.errors import UnsupportedModelError
 from tyr_core.families import load_config
 from tyr_core.store import FileStore

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tyr_core import artifacts as keys
+from tyr_core import keys
 from tyr_core.errors import (
     ArtefactError,
     ConfigError,

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from tyr_core.errors import CorruptArtefactError, MissingArtefactError
 from tyr_core.grid import build_sublayers
 from tyr_core.layerwise import Activations, LayerwiseModel, embed_windows, run_block
-from tyr_core.pruned import scatter_columns
+from tyr_core.sublayer_layout import scatter_columns
 from tyr_core.supernet import (
     LayerCursor,
     PruneSettings,

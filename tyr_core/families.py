@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from .artifacts import Kind
 from .errors import ModelNotFoundError, UnsupportedModelError
+from .keys import Kind
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import teacher_index_key, teacher_key
 from .errors import CalibrationError, MissingArtefactError, SearchError
+from .keys import teacher_index_key, teacher_key
 from .search import Evaluate
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input ids (B, T) -> logits (B, T, V)
 CandidateLogitsFn = Callable[[torch.Tensor, list[int]], torch.Tensor]  # (ids, levels now applied) -> logits
 ApplyLevels = Callable[[list[int]], object]  # makes the resident model the candidate (swapping only the diff)
 
-INDEX_FILE = PurePosixPath(teacher_index_key()).name  # names come from artifacts.py, the one key builder
+INDEX_FILE = PurePosixPath(teacher_index_key()).name  # names come from keys.py, the one key builder
 _FP16_MAX = torch.finfo(torch.float16).max
 
 

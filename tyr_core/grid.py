@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .artifacts import KINDS, Kind, sublayer_name
 from .errors import GridError
+from .keys import KINDS, Kind, sublayer_name
 
 
 @dataclass(frozen=True)

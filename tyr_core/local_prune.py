@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pruned import PrunedSublayer, kept_columns
+from .sublayer_layout import PrunedSublayer, kept_columns
 
 _ZERO = 1e-12
 _PRUNED_SCORE = 1e20

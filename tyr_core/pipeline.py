@@ -13,16 +13,16 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from .artifacts import KINDS, Kind
 from .calibration import iter_documents, packed_windows, reference_chunks, tokenize
 from .config import CalibrationConfig, PruneConfig, RunConfig
 from .errors import CalibrationError
 from .families import Geometry
 from .fitness import TeacherTopK
 from .grid import Sublayer, build_sublayers, recentre, uniform_centres
+from .keys import KINDS, Kind
 from .layerwise import LayerwiseModel
 from .local_prune import magnitude_prune
-from .pruned import PrunedLayout, scatter_columns
+from .sublayer_layout import PrunedLayout, scatter_columns
 from .supernet import (
     Progress,
     PruneSettings,

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .artifacts import Kind
 from .errors import SearchError
 from .grid import Sublayer
+from .keys import Kind
 
 log = logging.getLogger(__name__)
 

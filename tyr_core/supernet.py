@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import KINDS, Kind, copy_key
 from .errors import CorruptArtefactError, MissingArtefactError
 from .families import Geometry
 from .grid import Sublayer
+from .keys import KINDS, Kind, copy_key
 from .layerwise import Activations, LayerwiseModel, capture_inputs, embed_windows, run_block
 from .local_prune import LocalProblem, prepare, prune_prepared
-from .pruned import PrunedLayout, PrunedSublayer, scatter_columns
+from .sublayer_layout import PrunedLayout, PrunedSublayer, scatter_columns
 
 log = logging.getLogger(__name__)
 

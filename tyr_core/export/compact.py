@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..families import Geometry, geometry
-from ..pruned import PrunedLayout, kept_columns
+from ..sublayer_layout import PrunedLayout, kept_columns
 from .configuration_tyr import TyrConfig
 from .modeling_tyr import TyrForCausalLM, TyrRotaryEmbedding
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..families import geometry
-from ..pruned import PrunedLayout, kept_columns, scatter_columns
+from ..sublayer_layout import PrunedLayout, kept_columns, scatter_columns
 from .compact import atomic_write, check_layout, kept_kv_heads
 
 

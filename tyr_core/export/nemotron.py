@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..families import Geometry, geometry
-from ..pruned import PrunedLayout
+from ..sublayer_layout import PrunedLayout
 from .compact import atomic_write, check_layout, compact_state_dict
 
 FfnWidth = Literal["exact", "ffn_mult"]

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from ..families import geometry
-from ..params import dense_params, layout_params
-from ..pruned import PrunedLayout
+from ..param_count import dense_params, layout_params
+from ..sublayer_layout import PrunedLayout
 
 JSON_NAME = "sparsity_distribution.json"
 PNG_NAME = "sparsity_distribution.png"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .artifacts import Kind
+from .keys import Kind
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .families import Geometry, geometry
-from .pruned import PrunedLayout
+from .sublayer_layout import PrunedLayout
 
 
 def attention_params(geo: Geometry, kept_heads: torch.Tensor) -> int:

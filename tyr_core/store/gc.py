@@ -1,0 +1,75 @@
+"""Garbage collection of earlier iterations' stats and supernets, manifests before objects."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .. import keys
+from ..errors import ConfigError, MissingArtefactError
+from .commit import is_committed
+from .protocol import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What one ``collect_garbage`` call removed. ``keys_deleted`` counts objects and manifests."""
+
+    bytes_freed: int = 0
+    keys_deleted: int = 0
+    iterations: tuple[int, ...] = ()
+
+
+def collect_garbage(store: Store, current_iteration: int, keep_last: int = 1) -> GcReport:
+    """Delete the stats and supernets of iterations ``K <= current_iteration - keep_last``.
+
+    Runs only once ``current_iteration``'s result is committed; search states, plans and results are kept.
+    Each manifest goes before its object, so a crash mid-GC never leaves a manifest without its object, and
+    calling it again finishes the job. Only keys under the store's own root or prefix are listed or deleted.
+
+    Raises:
+        ConfigError: ``keep_last`` is negative.
+    """
+    if keep_last < 0:
+        raise ConfigError(f"keep_last must be >= 0 (iterations to keep), got {keep_last}")
+    if not is_committed(store, keys.result_key(current_iteration)):
+        log.info("GC skipped: the result of iteration %d is not committed yet", current_iteration)
+        return GcReport()
+    freed = deleted = 0
+    collected = tuple(range(1, current_iteration - keep_last + 1))
+    for iteration in collected:
+        for prefix in (keys.stats_prefix(iteration), keys.supernet_prefix(iteration)):
+            f, d = _delete_prefix(store, prefix)
+            freed, deleted = freed + f, deleted + d
+    log.info("GC of iterations %s: %d keys, %d bytes freed", list(collected), deleted, freed)
+    return GcReport(bytes_freed=freed, keys_deleted=deleted, iterations=collected)
+
+
+def _delete_prefix(store: Store, prefix: str) -> tuple[int, int]:
+    """Delete every key under ``prefix``, each manifest before its object; returns (bytes freed, keys deleted)."""
+    listed = store.list(prefix)
+    present = set(listed)
+    freed = deleted = 0
+    for key in listed:
+        if keys.is_manifest(key):
+            continue
+        freed += _size_or_zero(store, key)
+        if keys.manifest_key(key) in present:
+            store.delete(keys.manifest_key(key))
+            deleted += 1
+        store.delete(key)
+        deleted += 1
+    for key in listed:  # manifests whose object was removed by someone else: stale, and under a GC'd prefix
+        if keys.is_manifest(key) and keys.manifest_target(key) not in present:
+            store.delete(key)
+            deleted += 1
+    return freed, deleted
+
+
+def _size_or_zero(store: Store, key: str) -> int:
+    try:
+        return store.size(key)
+    except MissingArtefactError:  # deleted since the listing (another GC): nothing to free
+        return 0
