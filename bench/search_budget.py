@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quality import ppl_of  # noqa: E402  (bench/ is on sys.path: held-out perplexity as the quality bench scores it)
 
-from tasks.assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 from tyr_core.calibration import eval_windows, load_documents  # noqa: E402
 from tyr_core.config import RunConfig  # noqa: E402
 from tyr_core.fitness import TeacherTopK, make_kl_evaluator, write_teacher_topk  # noqa: E402
@@ -40,6 +39,7 @@ from tyr_core.pipeline import (  # noqa: E402
 from tyr_core.prefix import PrefixForward  # noqa: E402
 from tyr_core.search import initial_state, run_generation  # noqa: E402
 from tyr_core.supernet import SupernetBuild, SupernetModel, SupernetReader, build_supernet  # noqa: E402
+from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 
 def emit(**fields) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.seaweed import EmbeddedSeaweed  # noqa: E402
 from tyr_core import keys  # noqa: E402
 from tyr_core.store import FileStore, Store, commit_bytes, commit_file, fetch_verified, read_verified  # noqa: E402
+from tyr_runtime.seaweed import EmbeddedSeaweed  # noqa: E402
 
 MB = 1 << 20
 

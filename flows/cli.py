@@ -134,12 +134,12 @@ class StoreLocation:
     embedded: bool = False
 
     def base(self):
-        from tasks.storage import open_store
+        from tyr_runtime.storage import open_store
 
         return open_store(self.url, self.endpoint_url)
 
     def run(self, run_id: str):
-        from tasks.storage import run_store
+        from tyr_runtime.storage import run_store
 
         return run_store(self.url, run_id, endpoint_url=self.endpoint_url)
 
@@ -158,7 +158,7 @@ def open_location(args: argparse.Namespace, stack: contextlib.ExitStack) -> Stor
 
 def start_embedded(stack: contextlib.ExitStack, data_dir: Path | None = None) -> StoreLocation:
     """Start the embedded SeaweedFS (stopped when ``stack`` closes) and point this process's S3 clients at it."""
-    from tasks.seaweed import EmbeddedSeaweed
+    from tyr_runtime.seaweed import EmbeddedSeaweed
 
     with refusing():
         s3 = stack.enter_context(EmbeddedSeaweed(data_dir))
@@ -176,7 +176,7 @@ def start_embedded(stack: contextlib.ExitStack, data_dir: Path | None = None) ->
 
 def existing_run_store(location: StoreLocation, run_id: str):
     """The store of a run that must exist; checked on the base store so that a typo creates nothing."""
-    from tasks.storage import check_run_id
+    from tyr_runtime.storage import check_run_id
 
     base = location.base()
     if not base.exists(keys.run_prefix(check_run_id(run_id)) + keys.manifest_key(keys.RUN_CONFIG)):
@@ -190,11 +190,11 @@ def _runs_root() -> str:
 
 
 def _export_marker(fmt: str) -> str:
-    return keys.export_prefix(fmt) + "files.json"  # written last by tasks.finish.export
+    return keys.export_marker_key(fmt)
 
 
 def _final_report_key(iterations: int) -> str:
-    return keys.report_key(f"final-{iterations}")  # as tasks.finish.evaluate names it
+    return keys.final_report_key(iterations)
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -380,8 +380,8 @@ class PreparedRun:
 def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> PreparedRun:
     """Everything that can be checked before the flow starts (exit 2 on any problem), the store touched last."""
     from flows.presets import resolve_config
-    from tasks.runs import default_run_id
-    from tasks.storage import check_run_id, check_store
+    from tyr_runtime.runs import default_run_id
+    from tyr_runtime.storage import check_run_id, check_store
 
     preset = _preset_arg(args.preset)
     with refusing():
@@ -423,7 +423,7 @@ def check_same_config(store, config, run_id: str) -> None:
 
 def check_not_running(store, run_id: str) -> None:
     """A second ``tyr prune`` of a run that another live process drives is refused before it starts (exit 1); the
-    flow's own lock (tasks.runs) settles races that slip past this check."""
+    flow's own lock (tyr_runtime.runs) settles races that slip past this check."""
     lock = lock_holder(store)
     if lock is not None:
         raise RunLockedError(
@@ -466,8 +466,8 @@ def check_prefect_api() -> None:
 
 def check_text_files(config) -> None:
     """Local calibration and held-out files exist and are not empty (datasets are checked when the run reads them)."""
-    from tasks.assets import resolve_corpus
     from tyr_core.errors import CalibrationError
+    from tyr_runtime.real_assets import resolve_corpus
 
     for section, files in (("calibration", config.calibration.files), ("eval", config.eval.files)):
         for name in resolve_corpus(files):
@@ -644,7 +644,7 @@ def _size_or_zero(store, key: str) -> int:
 
 def lock_holder(store) -> dict | None:
     """The live holder of the run's lock, or None when there is no lock or its holder is gone."""
-    from tasks.runs import lock_is_abandoned
+    from tyr_runtime.runs import lock_is_abandoned
 
     try:
         lock = json.loads(store.get_bytes(keys.LOCK_KEY))
@@ -867,8 +867,8 @@ def eval_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
     Read before the model loads, so that empty or unreadable text is refused in a second, not after the model.
     """
-    from tasks.assets import resolve_corpus
     from tyr_core.calibration import load_documents
+    from tyr_runtime.real_assets import resolve_corpus
 
     files = args.text or ([] if args.dataset else ["@shakespeare/heldout"])
     docs = load_documents(resolve_corpus(files), args.dataset, args.dataset_config, args.split, args.text_field)
@@ -948,8 +948,8 @@ def _finished_iteration(store, run_id: str) -> int:
 
 def produce_export(location: StoreLocation, run_id: str, iteration: int, fmt: str) -> None:
     """Write a format the run did not export, with the export task's own function (committed to the store)."""
-    from tasks.finish import export
-    from tasks.workspace import RunRef
+    from tasks.export import export
+    from tyr_runtime.workspace import RunRef
 
     err_console.print(f"[dim]{run_id} has no {fmt} export yet: producing it[/dim]")
     quiet_libraries()
@@ -960,7 +960,7 @@ def produce_export(location: StoreLocation, run_id: str, iteration: int, fmt: st
 
 
 def cmd_store_serve(args: argparse.Namespace) -> int:
-    from tasks.seaweed import EmbeddedSeaweed
+    from tyr_runtime.seaweed import EmbeddedSeaweed
 
     with refusing():
         server = EmbeddedSeaweed(Path(args.dir) if args.dir else None, args.port).start()

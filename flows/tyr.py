@@ -16,25 +16,17 @@ from prefect.settings import Settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from tasks.finish import evaluate, evaluate_baselines, export, summarize
+from tasks.data import calibrate, teacher
+from tasks.evaluate import evaluate, evaluate_baselines, summarize
+from tasks.export import export
 from tasks.reports import flush_artifacts, start_progress, update_progress
-from tasks.runs import open_run, release_run
-from tasks.steps import (
-    accumulate,
-    calibrate,
-    garbage_collect,
-    layer_stats,
-    local_prune,
-    plan,
-    recentre_interval,
-    search_generation,
-    supernet_index,
-    teacher,
-)
-from tasks.workspace import RunRef
+from tasks.search import recentre_interval, search_generation
+from tasks.supernet import accumulate, garbage_collect, layer_stats, local_prune, plan, supernet_index
 from tyr_core import keys
 from tyr_core.config import MAX_CONCURRENT_PRUNES
 from tyr_core.store import is_committed
+from tyr_runtime.runs import open_run, release_run
+from tyr_runtime.workspace import RunRef
 
 from . import heartbeats
 from .presets import resolve_config
@@ -65,7 +57,7 @@ def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
     wake up. On CPU that made the SmolLM2 build 1.16x as long, with 25x the context switches
     (``python bench/prune_thread.py``).
     """
-    from tasks.workspace import workspace
+    from tyr_runtime.workspace import workspace
 
     at_once = workspace(ref).config.concurrent_prunes
     layers = sorted({s["layer"] for s in grid["sublayers"]})
@@ -141,7 +133,7 @@ def use_torch_threads(threads: int | None) -> None:
 
 def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
     """Skip an iteration whose result is committed; otherwise run (or resume) its subflow."""
-    from tasks.workspace import workspace
+    from tyr_runtime.workspace import workspace
 
     store = workspace(ref).store
     if is_committed(store, keys.result_key(iteration)):

@@ -1,1 +1,1 @@
-"""Prefect tasks: one per step of the method, plus the S3 store and the embedded SeaweedFS server."""
+"""Prefect tasks, one per step of the method, grouped by step: data, supernet, search, evaluate, export."""

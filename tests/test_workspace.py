@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from flows.presets import resolve_config
-from tasks.storage import run_store
-from tasks.workspace import RunRef, Workspace
 from tyr_core import keys
 from tyr_core.grid import Sublayer
 from tyr_core.store import commit_bytes, commit_file
 from tyr_core.sublayer_layout import PrunedSublayer
 from tyr_core.supernet import copy_bytes
+from tyr_runtime.storage import run_store
+from tyr_runtime.workspace import RunRef, Workspace
 
 
 def _workspace(tmp_path) -> Workspace:

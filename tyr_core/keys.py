@@ -25,7 +25,6 @@ RUN_CONFIG = "run.json"  # the run's config, artefact hash and incarnation; comm
 LOCK_KEY = "lock.json"  # the live process that drives the run (conditional create, never committed)
 MANIFEST_SUFFIX = ".manifest.json"  # appended to a key: the manifest that commits it
 EXPORT_MARKER = "files.json"  # the file list of one export format, committed after every file it lists
-SPARSITY_PLOT = "sparsity_distribution.png"  # the per-layer sparsity plot of an export (tyr_core.export.plot)
 
 
 def run_prefix(run_id: str) -> str:

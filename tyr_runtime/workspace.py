@@ -2,7 +2,7 @@
 layer cursor of the supernet being built. Nothing here is an artefact; all of it can be rebuilt from the store.
 
 A 70B layer's Hessians are gigabytes: they stay here, in the process that computed them, and the local-prune
-tasks of that layer run in this process (ARCHITECTURE.md).
+tasks of that layer run in this process.
 """
 
 from __future__ import annotations

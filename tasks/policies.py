@@ -1,0 +1,41 @@
+"""What every task shares: which failures are retried, and the cache key that makes a task's result the run's.
+
+Idempotence comes twice: a task whose artefact's manifest exists returns at once (new flow runs of the same run id),
+and task results are persisted under a cache key of the run (id, store, incarnation) + artefact key, so the UI's
+Retry of the same flow run shows finished tasks as ``Cached``.
+"""
+
+from __future__ import annotations
+
+from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentialsError, StoreError, TyrError
+from tyr_core.grid import Sublayer
+from tyr_runtime.workspace import cache_scope
+
+CODE_VERSION = "1"  # bump when a task's output for the same key changes meaning
+
+
+def _transient(_task, _task_run, state) -> bool:
+    """Retry storage and device hiccups, never tyr's own errors (bad input, corrupt artefact, refusal)."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the failure's details could not be read: retry is the safe choice
+        return True
+    permanent = (InvalidKeyError, StoreCredentialsError, NoSuchBucketError)
+    return not isinstance(error, TyrError) or (isinstance(error, StoreError) and not isinstance(error, permanent))
+
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient)
+
+
+def artefact_cache_key(key_fn):
+    """Cache key = run (id, store, incarnation) + artefact key: stable across Retry of the same flow run and across
+    new flow runs of the run, never shared with another store's run of that id or a deleted run's."""
+
+    def cache_key(_context, params) -> str:
+        return f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{key_fn(params)}".replace("/", "_")
+
+    return cache_key
+
+
+def plan_sublayers(plan: dict) -> list[Sublayer]:
+    return [Sublayer(**s) for s in plan["sublayers"]]

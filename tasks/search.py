@@ -1,0 +1,82 @@
+"""The search steps of one iteration: one task per generation of the sparsity-shift search, then the winner and the
+next iteration's centres."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from tyr_core import keys
+from tyr_core.fitness import TeacherTopK, make_kl_evaluator
+from tyr_core.grid import recentre
+from tyr_core.search import SearchState, initial_state, run_generation
+from tyr_core.store import commit_bytes, is_committed, read_json
+from tyr_runtime.workspace import RunRef, dumps, workspace
+
+from .policies import IO_RETRIES, artefact_cache_key
+from .reports import iteration_markdown, publish_markdown
+
+
+@task(
+    name="search-generation",
+    cache_key_fn=artefact_cache_key(lambda p: keys.search_state_key(p["iteration"], p["generation"])),
+    **IO_RETRIES,
+)
+def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
+    """One generation of the sparsity-shift search, resumed from the previous committed state."""
+    ws = workspace(ref)
+    key = keys.search_state_key(iteration, generation)
+    if not is_committed(ws.store, key):
+        state = _previous_state(ws, iteration, generation)
+        sm, forward = ws.search_model(iteration)
+        teacher_ = _teacher(ws)
+        windows = ws.calibration()[: teacher_.index["windows"]]
+        forward.set_reference(state.parent)  # offspring share the parent's unchanged layers
+        evaluate = make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)
+        genes = sm.reader.sublayers
+        state = run_generation(state, genes, evaluate, ws.config.search, windows.shape[0], windows.shape[1])
+        commit_bytes(ws.store, key, state.model_dump_json().encode(), ws.config.artefact_hash())
+    state = SearchState.model_validate_json(ws.store.get_bytes(key))
+    return {"generation": state.generation, "fitness": state.parent_fitness, "parent": state.parent}
+
+
+def _previous_state(ws, iteration: int, generation: int) -> SearchState:
+    if generation > 1:
+        prev = keys.search_state_key(iteration, generation - 1)
+        return SearchState.model_validate_json(ws.store.get_bytes(prev))
+    genes = ws.reader(iteration).sublayers
+    return initial_state(genes, ws.config.seed + iteration, iteration)
+
+
+def _teacher(ws) -> TeacherTopK:
+    index = read_json(ws.store, keys.teacher_index_key())
+    for shard in index["shards"]:
+        ws.fetch(keys.teacher_file_key(shard))
+    ws.fetch(keys.teacher_index_key())
+    return TeacherTopK(ws.cache / "teacher")
+
+
+@task(name="recentre", cache_key_fn=artefact_cache_key(lambda p: keys.result_key(p["iteration"])), **IO_RETRIES)
+def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
+    """The iteration's winner: per-sublayer sparsity, and the centres of the next (halved) interval."""
+    ws = workspace(ref)
+    key = keys.result_key(iteration)
+    if not is_committed(ws.store, key):
+        state = _previous_state(ws, iteration, generations + 1)  # the last generation's (the start if there were none)
+        subs = ws.reader(iteration).sublayers
+        result = {
+            "iteration": iteration,
+            "levels": state.parent,
+            "fitness": state.parent_fitness,
+            "sparsities": {s.name: s.sparsity(lv) for s, lv in zip(subs, state.parent, strict=True)},
+            "next_centres": recentre(subs, state.parent),
+        }
+        commit_bytes(ws.store, key, dumps(result), ws.config.artefact_hash())
+    result = read_json(ws.store, key)
+    history = _previous_state(ws, iteration, generations + 1).history if generations else []
+    publish_markdown(
+        ref.run_id,
+        f"iteration-{iteration}",
+        lambda: iteration_markdown(result, [h.model_dump() for h in history]),
+        f"run {ref.run_id}, iteration {iteration}: per-layer sparsity and fitness",
+    )
+    return result

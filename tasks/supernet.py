@@ -1,0 +1,127 @@
+"""The supernet steps of one iteration: its plan, then layer by layer the statistics, the local prunes at every level
+and the accumulation of the expected weights, then the checksummed index; and the GC of earlier iterations."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tyr_core import keys
+from tyr_core.pipeline import initial_centres, plan_iteration
+from tyr_core.store import collect_garbage, commit_bytes, is_committed, read_json, read_manifest
+from tyr_core.supernet import copy_bytes, index_entry
+from tyr_runtime.workspace import RunRef, dumps, workspace
+
+from .policies import IO_RETRIES, artefact_cache_key, plan_sublayers
+
+
+@task(name="plan", cache_key_fn=artefact_cache_key(lambda p: keys.plan_key(p["iteration"])), **IO_RETRIES)
+def plan(ref: RunRef, iteration: int) -> dict:
+    """Centres and level grids of one iteration: uniform at first, then the previous winner (recentring)."""
+    ws = workspace(ref)
+    key = keys.plan_key(iteration)
+    if not is_committed(ws.store, key):
+        geo, cfg = ws.model.geometry, ws.config.prune
+        if iteration == 1:
+            centres = initial_centres(geo, cfg)
+        else:
+            centres = read_json(ws.store, keys.result_key(iteration - 1))["next_centres"]
+        subs = plan_iteration(geo, cfg, iteration, centres)
+        commit_bytes(
+            ws.store,
+            key,
+            dumps({"iteration": iteration, "sublayers": [vars(s) for s in subs]}),
+            ws.config.artefact_hash(),
+        )
+    return ws.plan(iteration)
+
+
+@task(name="layer-stats", cache_policy=NO_CACHE)
+def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
+    """H of o_proj and down_proj for one layer, kept in this worker for its local-prune tasks."""
+    ws = workspace(ref)
+    subs = plan_sublayers(ws.plan(iteration))
+    cursor = ws.cursor(iteration, subs)
+    cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+    return {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
+
+
+def _copy_keys(params: dict) -> str:
+    return "+".join(keys.copy_key(params["iteration"], params["layer"], k, params["level"]) for k in params["kinds"])
+
+
+@task(name="local-prune", cache_key_fn=artefact_cache_key(_copy_keys), **IO_RETRIES)
+def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list[str]) -> list[dict]:
+    """One layer at one level: a compact pruned copy of each of its sublayers in ``kinds`` (those whose grid has
+    the level), each committed; returns their index entries.
+
+    One task for a layer's attention and MLP at a level rather than one per sublayer halves the task runs (720 per
+    iteration of a 70B model, 80 layers x 9 levels, instead of 1,440) and with them the orchestration cost, not the
+    parallelism: the flow submits a layer's levels together, ``concurrent_prunes`` at a time. Each copy commits on
+    its own, so a retried task skips the committed one.
+    """
+    ws = workspace(ref)
+    subs = plan_sublayers(ws.plan(iteration))
+    entries = []
+    for kind in kinds:
+        key = keys.copy_key(iteration, layer, kind, level)
+        if is_committed(ws.store, key):  # committed by an attempt whose task result was lost (killed right after)
+            manifest = read_manifest(ws.store, key)
+            entries.append({**manifest.meta, "sha256": manifest.sha256})
+            continue
+        cursor = ws.cursor(iteration, subs)
+        cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+        sub = next(s for s in subs if s.layer == layer and s.kind == kind)
+        copy = cursor.prune(sub, level)
+        data = copy_bytes(copy)
+        entry = index_entry(sub, level, copy, ws.model.geometry, key, "", len(data))
+        manifest = commit_bytes(ws.store, key, data, ws.config.artefact_hash(), meta=entry)  # or raises: other bytes
+        ws.keep_committed_copy(key, copy)  # for this layer's accumulate
+        entries.append({**entry, "sha256": manifest.sha256})
+    return entries
+
+
+@task(name="accumulate", cache_policy=NO_CACHE)
+def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
+    """Advance the calibration activations past ``layer`` with its expected weights (paper eq. 5)."""
+    ws = workspace(ref)
+    subs = plan_sublayers(ws.plan(iteration))
+    cursor = ws.cursor(iteration, subs)
+    cursor.seek(layer + 1, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+    return cursor.layer
+
+
+@task(
+    name="supernet-index",
+    cache_key_fn=artefact_cache_key(lambda p: keys.supernet_index_key(p["iteration"])),
+    **IO_RETRIES,
+)
+def supernet_index(ref: RunRef, iteration: int, entries: list[dict]) -> dict:
+    """Commit the checksummed index that defines the supernet's search space."""
+    ws = workspace(ref)
+    ws.end_build()  # the activations and the last layer's held copies (no accumulate replays it) are not needed again
+    key = keys.supernet_index_key(iteration)
+    if not is_committed(ws.store, key):
+        plan_ = ws.plan(iteration)
+        index = {
+            "iteration": iteration,
+            "config_hash": ws.config.artefact_hash(),
+            "accumulation": ws.config.prune.accumulation,
+            "sublayers": plan_["sublayers"],
+            # hashes from the manifests, which are the commit, not from the task results that carried them here
+            "copies": sorted(
+                ({**e, "sha256": read_manifest(ws.store, e["key"]).sha256} for e in entries),
+                key=lambda e: (e["layer"], e["kind"], e["level"]),
+            ),
+        }
+        commit_bytes(ws.store, key, dumps(index), ws.config.artefact_hash())
+    index = read_json(ws.store, key)
+    return {"key": key, "copies": len(index["copies"]), "bytes": sum(e["bytes"] for e in index["copies"])}
+
+
+@task(name="garbage-collect", cache_policy=NO_CACHE, **IO_RETRIES)
+def garbage_collect(ref: RunRef, iteration: int) -> dict:
+    """Delete earlier iterations' stats and supernets once this iteration's result is committed."""
+    ws = workspace(ref)
+    report = collect_garbage(ws.store, iteration, ws.config.keep_last)
+    return {"bytes_freed": report.bytes_freed, "keys_deleted": report.keys_deleted}
