@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import committed_phases, main, one_line, redact
 from flows.presets import preset_path, resolve_config
+from tyr_cli import main
+from tyr_cli.common import one_line, redact
 from tyr_core import keys
 from tyr_core.store import commit_bytes, is_committed
+from tyr_runtime.run_status import committed_phases
 from tyr_runtime.storage import open_store, run_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +171,7 @@ def test_an_unreachable_prefect_api_exits_2_before_the_run(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{closed}/api", "PREFECT_HOME": str(tmp_path / "ph")}
     store = tmp_path / "store"
     out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "prune", "tiny-test", "--store", f"file://{store}"],
+        [sys.executable, "-m", "tyr_cli", "prune", "tiny-test", "--store", f"file://{store}"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -423,7 +425,7 @@ def test_prune_without_a_store_uses_the_embedded_seaweedfs(tmp_path, capsys, loc
 def test_store_serve_until_interrupted(tmp_path):
     data = tmp_path / "weed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "store", "serve", "--dir", str(data), "--json"],
+        [sys.executable, "-m", "tyr_cli", "store", "serve", "--dir", str(data), "--json"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

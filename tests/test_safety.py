@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from tyr_cli import main
 from tyr_core import keys
 from tyr_core.errors import UnsupportedModelError
 from tyr_core.families import load_config
 from tyr_core.store import FileStore
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("tyr_core", "tasks", "flows", "bench")
+SHIPPED = ("tyr_core", "tyr_runtime", "tasks", "flows", "tyr_cli", "bench")
 
 
 def _folder_with_custom_code(root: Path) -> Path:

@@ -1,5 +1,5 @@
-"""Opening a run: where it lives, its saved config (resume with another config is refused), and a lock so that
-two processes never drive the same run id at once."""
+"""Opening a run: where it lives, its saved config (a resume with another config is refused), and its lock
+(``lock.py``); releasing it when the run ends in this process."""
 
 from __future__ import annotations
 
@@ -7,19 +7,17 @@ import json
 import os
 import re
 import socket
-import time
 import uuid
 
 from tyr_core import keys
 from tyr_core.config import RunConfig
-from tyr_core.errors import IncompatibleRunError, RunLockedError
+from tyr_core.errors import IncompatibleRunError
 from tyr_core.families import default_cache_dir
 from tyr_core.store import Store, commit_bytes, is_committed, read_json
 
+from .lock import acquire_lock
 from .storage import check_store, run_store
 from .workspace import RunRef, forget
-
-LOCK_TTL_S = 600  # a lock not refreshed for this long is abandoned (the holder is on another host and died)
 
 
 def default_store_url() -> str:
@@ -65,50 +63,6 @@ def _check_or_commit_config(store: Store, config: RunConfig, run_id: str) -> Non
         "incarnation": uuid.uuid4().hex,
     }
     commit_bytes(store, keys.RUN_CONFIG, json.dumps(body, indent=1, sort_keys=True).encode(), config.artefact_hash())
-
-
-def _holder() -> dict:
-    try:
-        from prefect.runtime import flow_run
-
-        flow_run_id = flow_run.id
-    except Exception:  # outside a flow run
-        flow_run_id = None
-    return {"host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": flow_run_id, "time": time.time()}
-
-
-def lock_is_abandoned(lock: dict) -> bool:
-    """The lock's holder is gone: a dead process on this host, or no refresh for ``LOCK_TTL_S`` on another."""
-    if lock.get("host") == socket.gethostname():
-        try:
-            os.kill(int(lock["pid"]), 0)
-        except (ProcessLookupError, KeyError, ValueError, TypeError):  # gone, or a lock that names no process
-            return True
-        except PermissionError:
-            return False
-        return False
-    return time.time() - float(lock.get("time", 0)) > LOCK_TTL_S
-
-
-def acquire_lock(store: Store, run_id: str) -> None:
-    """Take the run's lock with a conditional create; a live holder with another flow run id is refused."""
-    me = _holder()
-    for _ in range(3):
-        if store.put_if_absent(keys.LOCK_KEY, json.dumps(me).encode()):
-            return
-        try:
-            lock = json.loads(store.get_bytes(keys.LOCK_KEY))
-        except Exception:  # released between our create and our read
-            continue
-        same_flow_run = me["flow_run_id"] is not None and lock.get("flow_run_id") == me["flow_run_id"]
-        if same_flow_run or (lock.get("host"), lock.get("pid")) == (me["host"], me["pid"]) or lock_is_abandoned(lock):
-            store.delete(keys.LOCK_KEY)
-            continue
-        raise RunLockedError(
-            f"run {run_id!r} is being driven by another process (host {lock.get('host')}, pid {lock.get('pid')}, "
-            f"flow run {lock.get('flow_run_id')}); wait for it to finish or cancel it first"
-        )
-    raise RunLockedError(f"could not take the lock of run {run_id!r}; try again")
 
 
 def release_run(ref: RunRef) -> None:

@@ -1,0 +1,115 @@
+"""Progress bars read from the store's manifests while the flow runs, and quiet library loggers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tyr_core.errors import TyrError
+from tyr_runtime.run_status import committed_phases
+
+from .common import err_console
+
+POLL_SECONDS = 2.0
+
+
+class ProgressPoller(threading.Thread):
+    """Drives rich progress bars from the store while the flow runs; cosmetic, so it never breaks the run."""
+
+    def __init__(self, store, config, progress: Progress, live: bool):
+        super().__init__(daemon=True, name="tyr-progress")
+        self.store, self.config, self.progress, self.live = store, config, progress, live
+        self.halt = threading.Event()
+        self.bars: dict[str, Any] = {}
+        self.finished: set[str] = set()
+        self.plans: dict[int, dict] = {}
+
+    def poll(self) -> None:
+        phases = committed_phases(self.store, self.config, self.plans)
+        current = next((p.id for p in phases if p.done < p.total), None)
+        for phase in phases:
+            if phase.id not in self.bars:  # the clock (elapsed, eta) starts when the phase does
+                self.bars[phase.id] = self.progress.add_task(phase.label, total=max(phase.total, 1), start=False)
+            bar = self.bars[phase.id]
+            if phase.id == current or phase.done:
+                self.progress.start_task(bar)
+            self.progress.update(bar, description=phase.label, completed=phase.done)
+            if not self.live and phase.done >= phase.total and phase.id not in self.finished:
+                err_console.print(f"done: {phase.label}")  # a log file gets one line per finished phase
+            if phase.done >= phase.total:
+                self.finished.add(phase.id)
+
+    def run(self) -> None:
+        while not self.halt.wait(POLL_SECONDS):
+            try:
+                self.poll()
+            except Exception as err:  # a store hiccup only delays the bars; the flow reports real failures
+                logging.getLogger(__name__).debug("progress poll failed: %s", err)
+
+
+@contextlib.contextmanager
+def progress_bars(store, config, enabled: bool) -> Iterator[None]:
+    live = err_console.is_terminal
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, disable=not (enabled and live)) as progress:
+        poller = ProgressPoller(store, config, progress, live)
+        if enabled:
+            poller.start()
+        try:
+            yield
+        finally:
+            poller.halt.set()
+        if enabled:
+            poller.join(timeout=30)  # one poller at a time touches the bars
+            with contextlib.suppress(Exception):
+                poller.poll()  # the final state, once
+
+
+class _HideTyrTracebacks(logging.Filter):
+    """tyr's own errors carry clear messages, which the CLI prints as one line: no traceback for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], TyrError))
+
+
+def quiet_console(verbose: bool) -> None:
+    """Prefect's per-task INFO lines would bury the progress bars: keep warnings and errors on the console, for the
+    rest of this process (the temporary Prefect server logs its shutdown at exit). The Prefect API still gets every
+    log. ``--verbose`` keeps everything."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, PrefectConsoleHandler):
+            continue
+        # Prefect configures logging once per process and binds its console to the stderr of that moment; a second
+        # in-process ``main()`` (a notebook, a test) may have another stderr, and the old one may be closed.
+        if handler.stream is not sys.stderr:
+            handler.stream = handler.console.file = sys.stderr  # not setStream(): it flushes the old, closed one
+        if verbose:
+            continue
+        handler.setLevel(max(handler.level, logging.WARNING))
+        if not any(isinstance(f, _HideTyrTracebacks) for f in handler.filters):
+            handler.addFilter(_HideTyrTracebacks())
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """No per-file loading bars from transformers and datasets: tyr shows its own progress."""
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
+    from transformers.utils.logging import disable_progress_bar as transformers_quiet
+
+    transformers_quiet()
+    datasets_quiet()

@@ -1,0 +1,262 @@
+"""``tyr prune``: validate everything that can be checked before the run, run the flow with progress bars, then
+print the summary and copy the exports."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from tyr_core import keys
+from tyr_core.errors import ConfigError, IncompatibleRunError, RunLockedError
+from tyr_runtime.run_status import lock_holder
+
+from .common import (
+    add_command,
+    err_console,
+    fmt_params,
+    fmt_ppl,
+    fmt_removed,
+    one_line,
+    out_console,
+    print_json,
+    refusing,
+    store_flags,
+    without_userinfo,
+)
+from .export import download_export
+from .location import StoreLocation, open_location
+from .progress import progress_bars, quiet_console
+
+
+@dataclass
+class PreparedRun:
+    """A validated run, ready to start."""
+
+    preset: str
+    overrides: list[str]
+    config: Any
+    run_id: str
+    location: StoreLocation
+    store: Any = field(repr=False)
+
+
+def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> PreparedRun:
+    """Everything that can be checked before the flow starts (exit 2 on any problem), the store touched last."""
+    from flows.presets import resolve_config
+    from tyr_runtime.runs import default_run_id
+    from tyr_runtime.storage import check_run_id, check_store
+
+    preset = _preset_arg(args.preset)
+    with refusing():
+        config = resolve_config(preset, overrides=args.set)
+        run_id = check_run_id(args.run_id or default_run_id(config))
+    location = open_location(args, stack)
+    with refusing():
+        check_model(config)
+        check_text_files(config)
+        check_prefect_api()
+        store = location.run(run_id)
+        check_store(store)
+        check_same_config(store, config, run_id)
+    check_not_running(store, run_id)
+    return PreparedRun(preset, list(args.set), config, run_id, location, store)
+
+
+def _preset_arg(preset: str) -> str:
+    """A config path is made absolute (the flow may resolve it elsewhere); a preset name stays a name."""
+    path = Path(preset).expanduser()
+    return str(path.resolve()) if path.suffix in (".yaml", ".yml") else preset
+
+
+def check_same_config(store, config, run_id: str) -> None:
+    """A run id that exists resumes, but only with the configuration it was started with."""
+    from tyr_core.store import is_committed, read_json
+
+    if not is_committed(store, keys.RUN_CONFIG):
+        return
+    saved = read_json(store, keys.RUN_CONFIG)
+    if saved.get("artefact_hash") != config.artefact_hash():
+        raise IncompatibleRunError(
+            f"run {run_id!r} in {store.url} was started with another configuration (artefact hash "
+            f"{saved.get('artefact_hash')}, now {config.artefact_hash()}); resume it with the same preset and "
+            "--set values, or choose a new --run-id"
+        )
+    err_console.print(f"resuming run [bold]{run_id}[/bold]: committed work is not recomputed")
+
+
+def check_not_running(store, run_id: str) -> None:
+    """A second ``tyr prune`` of a run that another live process drives is refused before it starts (exit 1); the
+    flow's own lock (tyr_runtime.runs) settles races that slip past this check."""
+    lock = lock_holder(store)
+    if lock is not None:
+        raise RunLockedError(
+            f"run {run_id!r} is being driven by another process (host {lock.get('host')}, pid {lock.get('pid')}, "
+            f"flow run {lock.get('flow_run_id')}); wait for it to finish or stop it first. Nothing was changed"
+        )
+
+
+def check_model(config) -> None:
+    """The model exists, has weights, is a supported family, and the target sparsity is reachable in whole groups."""
+    from tyr_core.families import geometry, load_config, resolve_model
+    from tyr_core.pipeline import initial_centres
+
+    folder = resolve_model(config.model.source, revision=config.model.revision)
+    initial_centres(geometry(load_config(folder, config.model.trust_remote_code)), config.prune)
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process reports to (environment or profile); None: a temporary local server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def check_prefect_api() -> None:
+    """A configured Prefect server must answer before the run starts (otherwise the flow dies on its first call)."""
+    import httpx
+
+    api = prefect_api_url()
+    if not api:
+        return
+    try:
+        httpx.get(api.rstrip("/") + "/health", timeout=10)  # any answer will do: Prefect Cloud wants a key for it
+    except httpx.TransportError as err:
+        raise ConfigError(
+            f"the Prefect API at {without_userinfo(api)} does not answer ({type(err).__name__}): start the server, "
+            "or unset PREFECT_API_URL to run with a temporary local one"
+        ) from None
+
+
+def check_text_files(config) -> None:
+    """Local calibration and held-out files exist and are not empty (datasets are checked when the run reads them)."""
+    from tyr_core.errors import CalibrationError
+    from tyr_runtime.real_assets import resolve_corpus
+
+    for section, files in (("calibration", config.calibration.files), ("eval", config.eval.files)):
+        for name in resolve_corpus(files):
+            path = Path(name).expanduser()
+            if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+                state = "does not exist" if not path.exists() else "is empty"
+                raise CalibrationError(f"{section}.files: {path} {state}")
+
+
+def run_flow(run: PreparedRun, verbose: bool, show_progress: bool) -> tuple[dict, float]:
+    """The ``tyr`` flow, in this process (local Prefect unless PREFECT_API_URL names a server)."""
+    from flows.tyr import tyr
+
+    api = without_userinfo(prefect_api_url()) or "a temporary local server"
+    err_console.print(f"run [bold]{run.run_id}[/bold] in {run.store.url}; Prefect: {api}", highlight=False)
+    started = time.perf_counter()
+    quiet_console(verbose)
+    try:
+        with progress_bars(run.location.run(run.run_id), run.config, show_progress):
+            result = tyr(
+                preset=run.preset,
+                run_id=run.run_id,
+                store_url=run.location.url,
+                endpoint_url=run.location.endpoint_url,
+                overrides=run.overrides,
+            )
+    except Exception:
+        err_console.print(f"[dim]committed work is kept: the same command resumes run {run.run_id}[/dim]")
+        raise
+    return result, time.perf_counter() - started
+
+
+def cmd_prune(args: argparse.Namespace, copy_always: bool = False) -> int:
+    with contextlib.ExitStack() as stack:
+        run = prepare_run(args, stack)
+        result, wall = run_flow(run, args.verbose, show_progress=not args.json)
+        dest = _exports_destination(args, run, copy_always)
+        copied = deliver_exports(run.store, result.get("exports", []), dest) if dest else {}
+    if args.json:
+        print_json({**result, "wall_s": round(wall, 1), "exports_dir": str(dest.resolve()) if dest else None})
+    else:
+        print_summary(result, wall, copied, run)
+    return 0
+
+
+def _exports_destination(args: argparse.Namespace, run: PreparedRun, copy_always: bool) -> Path | None:
+    """Where the exports are copied: ``--out``, or ``out/<run id>`` when the store will not outlive the command."""
+    if args.out:
+        return Path(args.out)
+    if copy_always or run.location.embedded:
+        return Path("out") / run.run_id
+    return None
+
+
+def deliver_exports(store, exports: list[dict], dest: Path) -> dict[str, Path]:
+    """Copy every committed export format into ``dest/<format>/``; refused formats are skipped."""
+    copied = {}
+    for export in exports:
+        if export.get("files"):
+            download_export(store, export["format"], dest / export["format"])
+            copied[export["format"]] = dest / export["format"]
+    return copied
+
+
+def print_summary(result: dict, wall: float, copied: dict[str, Path], run: PreparedRun) -> None:
+    """Dense vs uniform vs tyr perplexity, parameters before/after, wall time, and where the exports are."""
+    report = result.get("report") or {}
+    base = report.get("baselines") or {}
+    table = Table(title=f"tyr run {result.get('run_id', run.run_id)}: held-out perplexity and parameters")
+    for column in ("model", "perplexity", "parameters", "decoder params removed"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row("dense", fmt_ppl(base.get("dense_ppl")), fmt_params(base.get("dense_params")), "0.0%")
+    uniform = base.get("uniform_params")
+    table.add_row("uniform, magnitude", fmt_ppl(base.get("magnitude_ppl")), fmt_params(uniform), fmt_removed(uniform))
+    table.add_row(
+        "uniform, Týr local pruner", fmt_ppl(base.get("uniform_ppl")), fmt_params(uniform), fmt_removed(uniform)
+    )
+    tyr_params = report.get("tyr_params")
+    table.add_row(
+        "[bold]tyr (searched)[/bold]",
+        fmt_ppl(report.get("tyr_ppl")),
+        fmt_params(tyr_params),
+        fmt_removed(tyr_params),
+    )
+    out_console.print(table)
+    before, after = (base.get("dense_params") or {}).get("total"), (tyr_params or {}).get("total")
+    if before and after:
+        out_console.print(f"parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})")
+    out_console.print(f"wall time: {wall / 60:.1f} min")
+    _print_export_locations(result, copied, run)
+
+
+def _print_export_locations(result: dict, copied: dict[str, Path], run: PreparedRun) -> None:
+    for export in result.get("exports", []):
+        fmt = export["format"]
+        if export.get("refused"):
+            out_console.print(f"{fmt}: not exported ({one_line(export['refused'])})", highlight=False)
+        elif fmt in copied:
+            out_console.print(f"{fmt} model: {copied[fmt].resolve()}", highlight=False)
+            for png in (name for name in export.get("files", []) if name.endswith(".png")):
+                out_console.print(f"  sparsity plot: {(copied[fmt] / png).resolve()}", highlight=False)
+        else:
+            where = f"{run.store.url.rstrip('/')}/{export['prefix']}"
+            hint = f"tyr export {run.run_id} --format {fmt} --out DIR"
+            out_console.print(f"{fmt} model: {where} (copy it with: {hint})", highlight=False)
+
+
+def add_parser(sub) -> None:
+    p = add_command(
+        sub,
+        "prune",
+        cmd_prune,
+        "prune a model (a new run, or resume one)",
+        "Validate, then run the tyr flow (local Prefect unless PREFECT_API_URL is set) with progress bars, and end "
+        "with a summary. The same command again resumes the same run: the default run id comes from the config.",
+    )
+    p.add_argument("preset", metavar="PRESET|CONFIG.yaml", help="a preset name (tyr presets) or a config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. prune.iterations=2")
+    p.add_argument("--run-id", help="run id (default: model name + config hash, so re-running resumes)")
+    p.add_argument("--out", help="copy the exports here (default: out/RUN_ID when the store is the embedded one)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's log lines")
+    p.add_argument("--json", action="store_true", help="print the flow's result as JSON (no progress bars)")
+    store_flags(p)

@@ -1,0 +1,161 @@
+"""``tyr runs``, ``tyr runs show`` and ``tyr runs gc``: what the store holds, as tables or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from rich.table import Table
+
+from tyr_core.errors import RunLockedError
+from tyr_runtime.run_status import list_run_ids, run_summary, saved_config
+
+from .common import (
+    add_command,
+    fmt_params,
+    fmt_ppl,
+    human_bytes,
+    json_flag,
+    out_console,
+    positive_int,
+    print_json,
+    refusing,
+    store_flags,
+)
+from .location import existing_run_store, open_location
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        location = open_location(args, stack)
+        with refusing():
+            base = location.base()
+            rows = [run_summary(location.run(run_id), run_id) for run_id in list_run_ids(base)]
+    if getattr(args, "json", False):
+        print_json(rows)
+        return 0
+    table = Table(title=f"runs in {base.url}")
+    for column in ("run", "status", "iteration", "generation", "stored"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["run_id"],
+            r["status"],
+            f"{r['iteration']}/{r['iterations_total']}",
+            f"{r['generation']}/{r['generations_total']}",
+            human_bytes(r["bytes_stored"]),
+        )
+    out_console.print(table if rows else f"no runs in {base.url}", highlight=False)
+    return 0
+
+
+def _summary(store, run_id: str) -> dict:
+    """The run's detailed summary; an unreadable ``run.json`` is refused (exit 2), like a run that does not exist."""
+    with refusing():
+        saved = saved_config(store, run_id)
+    return run_summary(store, run_id, detail=True, saved=saved)
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        location = open_location(args, stack)
+        with refusing():
+            store = existing_run_store(location, args.run_id)
+        summary = _summary(store, args.run_id)
+    if getattr(args, "json", False):
+        print_json(summary)
+    else:
+        print_run(summary)
+    return 0
+
+
+def print_run(s: dict) -> None:
+    out_console.print(
+        f"[bold]{s['run_id']}[/bold] {s['status']}: iteration {s['iteration']}/{s['iterations_total']}, generation "
+        f"{s['generation']}/{s['generations_total']}, {human_bytes(s['bytes_stored'])} in {s['objects']} objects "
+        f"at {s['store_url']}",
+        highlight=False,
+    )
+    if s["iterations"]:
+        table = Table(title="iterations")
+        for column in ("iteration", "fitness (KL)", "mean attention sparsity", "mean MLP sparsity"):
+            table.add_column(column, justify="right")
+        for r in s["iterations"]:
+            attn, mlp = _mean_by_kind(r["sparsities"])
+            table.add_row(str(r["iteration"]), f"{r['fitness']:.5g}", f"{attn:.1%}", f"{mlp:.1%}")
+        out_console.print(table)
+    if s["final_sparsities"]:
+        out_console.print(_sparsity_table(s["final_sparsities"], s["final_iteration"]))
+    if s["report"]:
+        report, base = s["report"], s["report"].get("baselines", {})
+        out_console.print(
+            f"held-out perplexity: dense {fmt_ppl(base.get('dense_ppl'))}, uniform {fmt_ppl(base.get('uniform_ppl'))}"
+            f", tyr {fmt_ppl(report.get('tyr_ppl'))}; parameters {fmt_params(base.get('dense_params'))} -> "
+            f"{fmt_params(report.get('tyr_params'))}"
+        )
+    if s["exports"]:
+        out_console.print(f"exports: {', '.join(s['exports'])} (tyr export {s['run_id']} --format F --out DIR)")
+
+
+def _mean_by_kind(sparsities: dict[str, float]) -> tuple[float, float]:
+    attn = [v for k, v in sparsities.items() if k.endswith(".self_attn")]
+    mlp = [v for k, v in sparsities.items() if k.endswith(".mlp")]
+    return (sum(attn) / len(attn) if attn else 0.0), (sum(mlp) / len(mlp) if mlp else 0.0)
+
+
+def _sparsity_table(sparsities: dict[str, float], iteration: int | None) -> Table:
+    """One row per layer: the attention and MLP sparsity the search chose."""
+    table = Table(title=f"per-sublayer sparsity (iteration {iteration})")
+    for column in ("layer", "attention", "MLP"):
+        table.add_column(column, justify="right")
+    from tasks.reports import per_layer
+
+    for layer, row in per_layer(sparsities).items():
+        table.add_row(str(layer), *(f"{row[k]:.1%}" if k in row else "-" for k in ("self_attn", "mlp")))
+    return table
+
+
+def cmd_runs_gc(args: argparse.Namespace) -> int:
+    from tyr_core.store import collect_garbage
+
+    with contextlib.ExitStack() as stack:
+        location = open_location(args, stack)
+        with refusing():
+            store = existing_run_store(location, args.run_id)
+        summary = _summary(store, args.run_id)
+        if summary["status"] == "running":
+            lock = summary["lock"] or {}
+            raise RunLockedError(
+                f"run {args.run_id!r} is running (host {lock.get('host')}, pid {lock.get('pid')}); its flow collects "
+                "garbage after each iteration. Run gc once it has stopped"
+            )
+        last = summary["final_iteration"]
+        keep_last = args.keep_last or summary["config"].get("keep_last", 1)
+        report = collect_garbage(store, last, keep_last) if last else None
+    freed, deleted = (report.bytes_freed, report.keys_deleted) if report else (0, 0)
+    if getattr(args, "json", False):
+        print_json({"run_id": args.run_id, "bytes_freed": freed, "keys_deleted": deleted, "keep_last": keep_last})
+    else:
+        out_console.print(
+            f"{args.run_id}: freed {human_bytes(freed)} ({deleted} keys); the supernets of the last {keep_last} "
+            "committed iteration(s) are kept"
+        )
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "runs", cmd_runs, "list runs; show or garbage-collect one", "List the runs in the store.")
+    store_flags(p)
+    json_flag(p)
+    runs = p.add_subparsers(title="commands", metavar="{show,gc}")
+    show = add_command(
+        runs, "show", cmd_runs_show, "status, per-iteration results, final sparsities and bytes of a run"
+    )
+    show.add_argument("run_id", metavar="ID")
+    store_flags(show)
+    json_flag(show)
+    gc = add_command(runs, "gc", cmd_runs_gc, "delete the stats and supernets of a run's earlier iterations")
+    gc.add_argument("run_id", metavar="ID")
+    gc.add_argument("--keep-last", type=positive_int, metavar="N", help="iterations to keep (default: the run's)")
+    store_flags(gc)
+    json_flag(gc)
