@@ -165,6 +165,19 @@ def _search_config():
 MAX_CONCURRENT_PRUNES = 8  # the iteration flow's task runner has this many workers
 
 
+# Settings of how a run executes, not of what it computes: they may change when a run resumes.
+RUN_SETTINGS = {
+    "eval",
+    "export",
+    "keep_last",
+    "concurrent_prunes",
+    "torch_threads",
+    "device",
+    "deterministic",
+    "device_memory_mb",
+}
+
+
 class RunConfig(_Strict):
     """Everything a run needs; ``artefact_hash`` covers the sections that change committed artefacts."""
 
@@ -190,6 +203,15 @@ class RunConfig(_Strict):
         "1 suits models too small to split an op across cores: on a host that also runs the Prefect server, two "
         "threads kept the tiny preset's ops waiting at OpenMP barriers for a descheduled worker (docs/architecture.md)",
     )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where to compute: auto (CUDA if present), cpu, cuda:N"
+    )
+    deterministic: bool = Field(
+        False, description="deterministic GPU kernels and cuBLAS workspace, so a GPU run reproduces itself (slower)"
+    )
+    device_memory_mb: int | None = Field(
+        None, ge=1, description="device memory the run may plan to use (default: 90% of what is free when it starts)"
+    )
     seed: int = 0
 
     @field_validator("search", mode="before")
@@ -201,7 +223,7 @@ class RunConfig(_Strict):
     def artefact_hash(self) -> str:
         """Hash of what determines committed artefacts; eval/export/gc/concurrency/thread settings may change on
         resume (a different thread count may change a sum's rounding, as another host's would, not its meaning)."""
-        return config_hash(self, exclude={"eval", "export", "keep_last", "concurrent_prunes", "torch_threads"})
+        return config_hash(self, exclude=RUN_SETTINGS)
 
 
 def load_run_config(data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config") -> RunConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -48,7 +48,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
     """exp of the token-weighted mean next-token NLL over ``windows``.
 
     Each window is scored on its own (no BOS is added, no context carried over); its first token is context only,
@@ -58,6 +63,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
         model: a causal LM returning ``.logits``; evaluated in inference mode, without a KV cache.
         windows: ``(N, T)`` token ids, ``T >= 2``.
         batch_size: windows per forward pass.
+        logits_fn: ``input_ids -> logits`` when the model does not run as a whole (decoder blocks streamed
+            through the device); default ``model(input_ids).logits``.
 
     Returns:
         The perplexity.
@@ -72,7 +79,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
     with torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
+            logits = model(input_ids=ids, use_cache=False).logits if logits_fn is None else logits_fn(ids)
             for row in range(ids.shape[0]):  # one window at a time: fp32 logits of a whole batch can be gigabytes
                 nll += float(F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum"))
             count += ids.shape[0] * (ids.shape[1] - 1)

@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 
 from .errors import CalibrationError, MissingArtefactError, SearchError
 from .keys import teacher_index_key, teacher_key
-from .search import Evaluate
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input ids (B, T) -> logits (B, T, V)
 CandidateLogitsFn = Callable[[torch.Tensor, list[int]], torch.Tensor]  # (ids, levels now applied) -> logits
@@ -215,14 +214,68 @@ def topk_kl(teacher_vals: torch.Tensor, teacher_ids: torch.Tensor, student_logit
     return float(kl.sum()), kl.numel()
 
 
+class KLEvaluator:
+    """The search's fitness: apply a candidate, then its token-weighted mean top-k KL on the given windows.
+
+    Called as ``evaluate(levels, window_ids)`` it scores one candidate batch after batch. ``pool(candidates,
+    window_ids)`` scores a whole pool batch-major: every candidate on a batch, then the next batch. Each
+    candidate's (KL sum, tokens) still add up in window order, so both give the same bits; batch-major reads each
+    teacher batch once and keeps the shared prefix of just one batch hot, which is what large stages and
+    several devices need.
+    """
+
+    def __init__(
+        self,
+        apply_levels: ApplyLevels,
+        logits_fn: CandidateLogitsFn,
+        windows: torch.Tensor,
+        teacher: TeacherTopK,
+        batch_size: int = 4,
+    ):
+        _require_windows(windows)
+        if windows.shape[1] < 2:
+            raise SearchError("windows need at least 2 tokens: the KL drops the last position of each")
+        if windows.shape[0] > len(teacher):
+            raise SearchError(f"{windows.shape[0]} windows but the teacher cache covers only {len(teacher)}")
+        if teacher.index.get("seq_len", windows.shape[1]) != windows.shape[1]:
+            raise SearchError(f"windows of {windows.shape[1]} tokens but the teacher saw {teacher.index['seq_len']}")
+        self.apply_levels, self.logits_fn = apply_levels, logits_fn
+        self.windows, self.teacher, self.batch_size = windows, teacher, batch_size
+
+    def __call__(self, levels: list[int], window_ids: list[int]) -> float:
+        return self.pool([levels], window_ids)[0]
+
+    def batch_terms(self, candidates: Sequence[list[int]], batch: list[int]) -> list[tuple[float, int]]:
+        """(KL sum, tokens) of every candidate on one batch of windows: the unit a replica works on."""
+        values, ids = self.teacher.get(batch)
+        terms = []
+        for levels in candidates:
+            self.apply_levels(list(levels))
+            with torch.inference_mode():
+                logits = self.logits_fn(self.windows[batch], list(levels))
+                terms.append(topk_kl(values.to(logits.device), ids.to(logits.device), logits))
+        return terms
+
+    def pool(self, candidates: Sequence[list[int]], window_ids: list[int]) -> list[float]:
+        """Fitness of every candidate on ``window_ids``, in the pool's order."""
+        if not window_ids:
+            raise SearchError("a candidate must be scored on at least one window")
+        totals, tokens = [0.0] * len(candidates), [0] * len(candidates)
+        for start in range(0, len(window_ids), self.batch_size):
+            batch = list(window_ids[start : start + self.batch_size])
+            for j, (kl, n) in enumerate(self.batch_terms(candidates, batch)):
+                totals[j], tokens[j] = totals[j] + kl, tokens[j] + n
+        return [t / n for t, n in zip(totals, tokens, strict=True)]
+
+
 def make_kl_evaluator(
     apply_levels: ApplyLevels,
     logits_fn: CandidateLogitsFn,
     windows: torch.Tensor,
     teacher: TeacherTopK,
     batch_size: int = 4,
-) -> Evaluate:
-    """An ``Evaluate`` for the search: apply the candidate, then its token-weighted mean top-k KL on the windows.
+) -> KLEvaluator:
+    """A ``KLEvaluator`` for the search (see its docstring).
 
     Args:
         apply_levels: makes the resident model the candidate (``SupernetModel.apply`` swaps only changed
@@ -237,25 +290,4 @@ def make_kl_evaluator(
     Raises:
         SearchError: if the windows do not match the teacher cache.
     """
-    _require_windows(windows)
-    if windows.shape[1] < 2:
-        raise SearchError("windows need at least 2 tokens: the KL drops the last position of each")
-    if windows.shape[0] > len(teacher):
-        raise SearchError(f"{windows.shape[0]} windows but the teacher cache covers only {len(teacher)}")
-    if teacher.index.get("seq_len", windows.shape[1]) != windows.shape[1]:
-        raise SearchError(f"windows of {windows.shape[1]} tokens but the teacher saw {teacher.index['seq_len']}")
-
-    def evaluate(levels: list[int], window_ids: list[int]) -> float:
-        if not window_ids:
-            raise SearchError("a candidate must be scored on at least one window")
-        apply_levels(list(levels))
-        total, tokens = 0.0, 0
-        with torch.inference_mode():
-            for start in range(0, len(window_ids), batch_size):
-                batch = list(window_ids[start : start + batch_size])
-                values, ids = teacher.get(batch)
-                kl, n = topk_kl(values, ids, logits_fn(windows[batch], list(levels)))
-                total, tokens = total + kl, tokens + n
-        return total / tokens
-
-    return evaluate
+    return KLEvaluator(apply_levels, logits_fn, windows, teacher, batch_size)

@@ -52,8 +52,10 @@ class WeightIndex:
         return out
 
 
-def _materialise(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    module = copy.deepcopy(module).to_empty(device="cpu")
+def _materialise(
+    module: nn.Module, state: dict[str, torch.Tensor], where: str, device: torch.device | str = "cpu"
+) -> nn.Module:
+    module = copy.deepcopy(module).to_empty(device=device)
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("inv_freq")]
     if missing or unexpected:
@@ -67,11 +69,18 @@ class LayerwiseModel:
     """A causal LM whose parts are materialised on demand from a folder of safetensors.
 
     The skeleton is built on the meta device (no memory); ``block(i)`` returns decoder layer ``i`` with its dense
-    weights in ``dtype``. Used for statistics collection and supernet construction.
+    weights in ``dtype`` on ``device``. Used for statistics collection and supernet construction.
     """
 
-    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+        device: torch.device | str = "cpu",
+    ):
         self.folder = Path(folder)
+        self.device = torch.device(device)
         self.config: PretrainedConfig = load_config(self.folder, trust_remote_code)
         self.config._attn_implementation = "sdpa"  # causal masking without materialising masks
         self.geometry: Geometry = geometry(self.config)
@@ -86,41 +95,61 @@ class LayerwiseModel:
         return self.geometry.num_layers
 
     def embeddings(self) -> nn.Module:
-        return _materialise(
-            self.skeleton.model.embed_tokens, self.weights.load("model.embed_tokens.", self.dtype), "model.embed_tokens"
-        )
+        state = self.weights.load("model.embed_tokens.", self.dtype)
+        return _materialise(self.skeleton.model.embed_tokens, state, "model.embed_tokens", self.device)
 
     def block(self, index: int) -> nn.Module:
         prefix = f"model.layers.{index}."
-        return _materialise(self.skeleton.model.layers[index], self.weights.load(prefix, self.dtype), prefix[:-1])
+        state = self.weights.load(prefix, self.dtype)
+        return _materialise(self.skeleton.model.layers[index], state, prefix[:-1], self.device)
 
     def final_norm(self) -> nn.Module:
-        return _materialise(self.skeleton.model.norm, self.weights.load("model.norm.", self.dtype), "model.norm")
+        state = self.weights.load("model.norm.", self.dtype)
+        return _materialise(self.skeleton.model.norm, state, "model.norm", self.device)
 
     def lm_head(self) -> nn.Module:
         name = "lm_head." if "lm_head.weight" in self.weights else "model.embed_tokens."
-        return _materialise(self.skeleton.lm_head, self.weights.load(name, self.dtype), "lm_head")
+        return _materialise(self.skeleton.lm_head, self.weights.load(name, self.dtype), "lm_head", self.device)
 
     def position_embeddings(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.arange(seq_len)[None]
-        return self.rotary(torch.zeros(1, seq_len, 1, dtype=self.dtype), ids)
+        rotary = self.rotary.to(self.device)
+        ids = torch.arange(seq_len, device=self.device)[None]
+        return rotary(torch.zeros(1, seq_len, 1, dtype=self.dtype, device=self.device), ids)
+
+
+def activation_bytes(shape: tuple[int, int, int], dtype: torch.dtype) -> int:
+    return shape[0] * shape[1] * shape[2] * torch.finfo(dtype).bits // 8
 
 
 class Activations:
-    """``N`` sequences of hidden states ``(N, T, hidden)``, in memory or in a file when over ``budget_bytes``."""
+    """``N`` sequences of hidden states ``(N, T, hidden)``: on the compute device when they fit ``device_budget``,
+    else in host memory (pinned, when the device is a GPU) up to ``budget_bytes``, else in a file."""
 
-    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, budget_bytes: int, spill_dir: Path | None):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        budget_bytes: int,
+        spill_dir: Path | None,
+        device: torch.device | str = "cpu",
+        device_budget: int = 0,
+    ):
         self.shape = shape
-        nbytes = shape[0] * shape[1] * shape[2] * torch.finfo(dtype).bits // 8
-        self.spilled = nbytes > budget_bytes
+        device = torch.device(device)
+        nbytes = activation_bytes(shape, dtype)
+        on_device = device.type != "cpu" and nbytes <= device_budget
+        self.placement = "device" if on_device else "host" if nbytes <= budget_bytes else "disk"
+        self.spilled = self.placement == "disk"
         if self.spilled:
             handle = tempfile.NamedTemporaryFile(dir=spill_dir, prefix="tyr-act-", suffix=".bin", delete=True)
             handle.truncate(nbytes)
             self._file = handle  # deleted when this object is collected
             self.data = torch.from_file(handle.name, shared=True, size=shape[0] * shape[1] * shape[2], dtype=dtype)
             self.data = self.data.view(shape)
+        elif on_device:
+            self.data = torch.empty(shape, dtype=dtype, device=device)
         else:
-            self.data = torch.empty(shape, dtype=dtype)
+            self.data = torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
         for start in range(0, self.shape[0], batch_size):
@@ -135,9 +164,10 @@ def run_block(
     batch_size: int,
 ) -> None:
     """Run ``block`` over every stored sequence; write into ``outputs`` when given (hooks may just observe)."""
+    device = position_embeddings[0].device
     with torch.inference_mode():
         for start, x in inputs.batches(batch_size):
-            y = block(x, attention_mask=None, position_embeddings=position_embeddings)
+            y = block(x.to(device, non_blocking=True), attention_mask=None, position_embeddings=position_embeddings)
             y = y[0] if isinstance(y, tuple) else y
             if outputs is not None:
                 outputs.data[start : start + x.shape[0]] = y
@@ -161,4 +191,4 @@ def embed_windows(model: LayerwiseModel, windows: torch.Tensor, act: Activations
     emb = model.embeddings()
     with torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
-            act.data[start : start + batch_size] = emb(windows[start : start + batch_size])
+            act.data[start : start + batch_size] = emb(windows[start : start + batch_size].to(model.device))

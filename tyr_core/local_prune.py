@@ -22,7 +22,7 @@ def damp(hessian: torch.Tensor, fraction: float) -> torch.Tensor:
     h = hessian.float().clone()
     mean_diag = torch.diagonal(h).mean()
     if mean_diag <= 0:
-        mean_diag = torch.tensor(1.0)
+        mean_diag = torch.tensor(1.0, device=h.device)
     h.diagonal().add_(fraction * mean_diag)
     return h
 
@@ -58,9 +58,9 @@ def _scores(
         diag = torch.diagonal(hinv).clamp_min(_ZERO)
         second = (w * w).sum(dim=1) / (2 * diag)
     else:
-        idx = torch.arange(n_groups * group_size).reshape(n_groups, group_size)
+        idx = torch.arange(n_groups * group_size, device=w.device).reshape(n_groups, group_size)
         blocks = hinv[idx[:, :, None], idx[:, None, :]]  # (n_groups, gs, gs) diagonal blocks
-        blocks[pruned] = torch.eye(group_size)  # pruned blocks are zero; their score is overwritten below
+        blocks[pruned] = torch.eye(group_size, device=w.device)  # pruned blocks are zero; their score is overwritten
         wg = w.reshape(n_groups, group_size, -1)
         solved = torch.linalg.solve(blocks, wg)
         second = 0.5 * (wg * solved).sum(dim=(1, 2))
@@ -155,9 +155,9 @@ def prune_prepared(
     if not 0 <= keep <= n_groups:
         raise ValueError(f"keep={keep} groups is outside [0, {n_groups}]")
     if keep == n_groups:  # sparsity 0: the dense weight (dead inputs zeroed)
-        return PrunedSublayer(torch.arange(n_groups), b.t().to(weight.dtype).contiguous())
+        return PrunedSublayer(torch.arange(n_groups, device=b.device), b.t().to(weight.dtype).contiguous())
     if keep == 0:  # sparsity 1: the sublayer is removed
-        return PrunedSublayer(torch.zeros(0, dtype=torch.long), weight.new_zeros(d_out, 0))
+        return PrunedSublayer(torch.zeros(0, dtype=torch.long, device=b.device), weight.new_zeros(d_out, 0))
     kept = select_groups(problem, group_size, keep, rounds, first_order)
     rows = _group_rows(kept, group_size)
     kept_b = refit(problem.h, problem.g, rows) if refit_weights else b[rows]

@@ -15,13 +15,16 @@ from transformers import AutoModelForCausalLM
 
 from .calibration import iter_documents, packed_windows, reference_chunks, tokenize
 from .config import CalibrationConfig, PruneConfig, RunConfig
-from .errors import CalibrationError
+from .device import configure_numerics, memory_budget, resolve_device
+from .errors import CalibrationError, ConfigError
 from .families import Geometry
 from .fitness import TeacherTopK
 from .grid import Sublayer, build_sublayers, recentre, uniform_centres
 from .keys import KINDS, Kind
 from .layerwise import LayerwiseModel
 from .local_prune import magnitude_prune
+from .prefix import PrefixForward
+from .streaming import BlockStreamer, weight_bytes
 from .sublayer_layout import PrunedLayout, scatter_columns
 from .supernet import (
     Progress,
@@ -77,8 +80,67 @@ def calibration_split(cfg: CalibrationConfig, tokenizer) -> tuple[torch.Tensor, 
     return windows[: cfg.num_windows], windows[cfg.num_windows :]
 
 
-def prune_settings(cfg: PruneConfig, spill_dir=None) -> PruneSettings:
+@dataclass(frozen=True)
+class Placement:
+    """Where a run computes and how much device memory it may plan to use (0 on the CPU)."""
+
+    device: torch.device
+    budget_bytes: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type != "cpu"
+
+
+def placement(cfg: RunConfig) -> Placement:
+    """The run's device (``device``), its numerics pinned (``deterministic``), and its memory budget."""
+    device = resolve_device(cfg.device)
+    configure_numerics(device, cfg.deterministic)
+    budget = cfg.device_memory_mb << 20 if cfg.device_memory_mb else memory_budget(device)
+    return Placement(device, budget if device.type != "cpu" else 0)
+
+
+def check_fits(lm: LayerwiseModel, cfg: RunConfig, where: Placement) -> None:
+    """Refuse, before any work, a run whose smallest working set does not fit the device.
+
+    The least a GPU must hold is two decoder blocks (one computing, the next arriving), the embeddings, the LM
+    head and one batch of hidden states and logits; everything else streams or spills.
+
+    Raises:
+        ConfigError: naming the settings to change.
+    """
+    if not where.on_gpu:
+        return
+    skeleton = lm.skeleton
+    block = weight_bytes(skeleton.model.layers[0])
+    ends = weight_bytes(skeleton.model.embed_tokens) + weight_bytes(skeleton.lm_head)
+    width = max(lm.geometry.hidden, lm.geometry.intermediate)
+    batch = max(cfg.prune.batch_size, 4) * cfg.calibration.seq_len
+    working = batch * (4 * width + 4 * lm.config.vocab_size) * 4
+    need = 2 * block + ends + working
+    if need > where.budget_bytes:
+        raise ConfigError(
+            f"this model needs at least {need / 2**30:.1f} GiB of device memory (two decoder blocks, embeddings, "
+            f"LM head, one batch), but device_memory_mb allows {where.budget_bytes / 2**30:.1f} GiB on "
+            f"{where.device}: raise device_memory_mb, lower prune.batch_size or calibration.seq_len, or use "
+            "device=cpu"
+        )
+
+
+def resident_or_streamed(
+    model: nn.Module, sublayers: list[Sublayer], where: Placement, prefix_budget: int
+) -> PrefixForward:
+    """The search's forward: the whole model on the device when its weights fit half the budget, else decoder
+    blocks streamed through it (``BlockStreamer``); on the CPU the model stays where it is."""
+    if where.on_gpu and weight_bytes(model) > where.budget_bytes // 2:
+        return PrefixForward(model, sublayers, prefix_budget, BlockStreamer(model, where.device))
+    model.to(where.device)
+    return PrefixForward(model, sublayers, prefix_budget)
+
+
+def prune_settings(cfg: PruneConfig, spill_dir=None, device_budget_bytes: int = 0) -> PruneSettings:
     return PruneSettings(
+        device_budget_bytes=device_budget_bytes,
         damping=cfg.damping,
         attn_rounds=cfg.attn_rounds,
         mlp_rounds=cfg.mlp_rounds,
@@ -155,19 +217,21 @@ def run_iteration_local(
     default: the first of ``windows``), and the winner is scored on all of them for the validation fitness.
     """
     from .fitness import make_kl_evaluator
-    from .prefix import PrefixForward
     from .search import initial_state, run_generation
 
-    lm = LayerwiseModel(model_folder)
+    where = placement(cfg)
+    lm = LayerwiseModel(model_folder, device=where.device)
+    check_fits(lm, cfg, where)
     subs = plan_iteration(lm.geometry, cfg.prune, iteration, centres)
     out = workdir / f"iter-{iteration}"
     t0 = time.perf_counter()
-    index = build_supernet(SupernetBuild(lm, windows, subs, prune_settings(cfg.prune), out, iteration), progress)
+    settings = prune_settings(cfg.prune, device_budget_bytes=where.budget_bytes // 2)
+    index = build_supernet(SupernetBuild(lm, windows, subs, settings, out, iteration), progress)
     supernet_s = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
     model.config._attn_implementation = "sdpa"
+    forward = resident_or_streamed(model, subs, where, (2 << 30) if cfg.search.prefix_sharing else 0)
     sm = SupernetModel(model, SupernetReader(out), lm.geometry)
-    forward = PrefixForward(model, subs, (2 << 30) if cfg.search.prefix_sharing else 0)
     search_windows = (windows if search_windows is None else search_windows)[: teacher.index["windows"]]
     evaluate = make_kl_evaluator(sm.apply, forward.logits, search_windows, teacher)
     state = initial_state(subs, cfg.seed + iteration, iteration)

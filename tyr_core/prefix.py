@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .grid import Sublayer
+from .streaming import BlockStreamer
 
 
 class PrefixForward:
@@ -24,10 +25,18 @@ class PrefixForward:
         model: the resident model (its output projections are swapped by ``SupernetModel.apply``).
         sublayers: the genes, giving each level's layer.
         budget_bytes: most bytes of cached hidden states (oldest minibatches dropped beyond it); 0 disables sharing.
+        streamer: runs the decoder blocks with their weights streamed through the device (models that do not fit).
     """
 
-    def __init__(self, model: nn.Module, sublayers: list[Sublayer], budget_bytes: int = 2 << 30):
+    def __init__(
+        self,
+        model: nn.Module,
+        sublayers: list[Sublayer],
+        budget_bytes: int = 2 << 30,
+        streamer: BlockStreamer | None = None,
+    ):
         self.model = model
+        self.streamer = streamer
         self.layer_of = [s.layer for s in sublayers]
         self.budget_bytes = budget_bytes
         self.reference: list[int] | None = None
@@ -56,12 +65,12 @@ class PrefixForward:
         shared = self.first_changed_layer(levels) if sharing else 0  # boundaries 0..shared: reference states
         states = self._states(input_ids) if sharing else []
         start = min(shared, len(states) - 1) if states else 0
-        h = states[start] if states else inner.embed_tokens(input_ids)
+        h = states[start] if states else inner.embed_tokens(input_ids.to(inner.embed_tokens.weight.device))
         if not states:
             states.append(h)
         pos = self._positions(input_ids)
         for j in range(start, n_layers):
-            h = self._block(inner.layers[j], h, pos)
+            h = self.streamer.run(j, h, pos) if self.streamer is not None else self._block(inner.layers[j], h, pos)
             if j < shared and j + 1 == len(states):
                 states.append(h)  # still the reference's computation: share it
         self.layers_run += n_layers - start
@@ -70,7 +79,7 @@ class PrefixForward:
         return self.model.lm_head(inner.norm(h))
 
     def _states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        key = (tuple(input_ids.shape), hash(input_ids.numpy().tobytes()))
+        key = (tuple(input_ids.shape), hash(input_ids.cpu().numpy().tobytes()))
         if key not in self._cache:
             self._cache[key] = []
         self._cache.move_to_end(key)
@@ -87,7 +96,9 @@ class PrefixForward:
         t = input_ids.shape[1]
         if self._pos is None or self._pos[0].shape[-2] != t:
             dtype = self.model.model.embed_tokens.weight.dtype
-            self._pos = self.model.model.rotary_emb(torch.zeros(1, t, 1, dtype=dtype), torch.arange(t)[None])
+            device = self.model.model.embed_tokens.weight.device
+            zeros = torch.zeros(1, t, 1, dtype=dtype, device=device)
+            self._pos = self.model.model.rotary_emb(zeros, torch.arange(t, device=device)[None])
         return self._pos
 
     @staticmethod

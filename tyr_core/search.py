@@ -27,6 +27,7 @@ from .keys import Kind
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[list[int], list[int]], float]  # (candidate levels, window ids) -> fitness, lower is better
+EvaluatePool = Callable[[list[list[int]], list[int]], list[float]]  # (candidates, window ids) -> their fitness
 Progress = Callable[[int, int], None]  # (evaluations done, evaluations planned) within one generation
 
 # Mutations tried per requested child before ``offspring`` settles for fewer: a small or nearly frozen search space
@@ -272,10 +273,22 @@ class _Counter:
 
     def score(self, evaluate: Evaluate, candidate: list[int], windows: list[int]) -> float:
         fitness = float(evaluate(list(candidate), list(windows)))  # copies: the evaluator cannot alter the pool
-        self.done += 1
+        self._count(1)
+        return fitness
+
+    def score_pool(self, evaluate: Evaluate, pool: list[list[int]], windows: list[int]) -> list[float]:
+        """The whole pool on one batch of windows; batch-major when the evaluator has a ``pool`` method."""
+        pooled: EvaluatePool | None = getattr(evaluate, "pool", None)
+        if pooled is None:
+            return [self.score(evaluate, c, windows) for c in pool]
+        scores = [float(f) for f in pooled([list(c) for c in pool], list(windows))]
+        self._count(len(pool))
+        return scores
+
+    def _count(self, n: int) -> None:
+        self.done += n
         if self.progress is not None:
             self.progress(self.done, self.total)
-        return fitness
 
 
 @dataclass(frozen=True)
@@ -325,7 +338,7 @@ def select(
             else:
                 pool.append(list(parent))  # elitism (§6.3)
         windows = draw_stage_windows(rng, tokens, n_windows, seq_len)  # one batch for the whole stage
-        scores = [counter.score(evaluate, c, windows) for c in pool]
+        scores = counter.score_pool(evaluate, pool, windows)
         pool, scores = keep_best(pool, scores, keep)
     return Selection(best=pool[0], fitness=scores[0], evaluations=counter.done)
 

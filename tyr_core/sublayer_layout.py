@@ -34,13 +34,13 @@ PrunedLayout = dict[tuple[int, Kind], PrunedSublayer]
 
 def kept_columns(kept: torch.Tensor, group_size: int) -> torch.Tensor:
     """Input-column indices of the kept groups (``group_size`` contiguous columns per group)."""
-    offsets = torch.arange(group_size, dtype=torch.long)
+    offsets = torch.arange(group_size, dtype=torch.long, device=kept.device)
     return (kept.long()[:, None] * group_size + offsets[None, :]).reshape(-1)
 
 
 def scatter_columns(sub: PrunedSublayer, in_features: int, group_size: int) -> torch.Tensor:
     """The zero-filled full ``(hidden, in_features)`` weight of a pruned sublayer (the masked form)."""
-    full = torch.zeros(sub.weight.shape[0], in_features, dtype=sub.weight.dtype)
+    full = torch.zeros(sub.weight.shape[0], in_features, dtype=sub.weight.dtype, device=sub.weight.device)
     if not sub.removed_all:
         full[:, kept_columns(sub.kept, group_size)] = sub.weight
     return full

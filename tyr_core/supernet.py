@@ -45,12 +45,18 @@ class PruneSettings:
     first_order: float = 1.0  # weight of the saliency's first-order term (local_prune._scores)
     mlp_after_attention: bool = False  # the MLP's H sees the same layer's expected attention weight
     batch_size: int = 8
-    activation_budget_bytes: int = 4 << 30
+    activation_budget_bytes: int = 4 << 30  # host memory; beyond it activations spill to ``spill_dir``
     spill_dir: Path | None = None
+    device_budget_bytes: int = 0  # activations that fit live on the compute device (a GPU) instead of the host
 
 
 def output_linear(block: nn.Module, kind: Kind) -> nn.Linear:
     return block.self_attn.o_proj if kind == "attn" else block.mlp.down_proj
+
+
+def _zeros_square(lin: nn.Linear) -> torch.Tensor:
+    """An fp32 ``(d_in, d_in)`` accumulator on the layer's device."""
+    return torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device)
 
 
 def layer_stats(
@@ -58,7 +64,7 @@ def layer_stats(
 ) -> dict[Kind, torch.Tensor]:
     """fp32 ``H = sum x x^T`` of the inputs of ``o_proj`` and ``down_proj`` from one pass over the block."""
     linears = {kind: output_linear(block, kind) for kind in KINDS}
-    hessians = {kind: torch.zeros(lin.in_features, lin.in_features) for kind, lin in linears.items()}
+    hessians = {kind: _zeros_square(lin) for kind, lin in linears.items()}
 
     def accumulate(kind: str, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -75,7 +81,7 @@ def paired_stats(
     """``H = sum x x^T`` of the pruned stream and ``C = sum x x_dense^T`` against the dense stream, per output
     projection, from one pass of the (dense-weight) block over each stream."""
     linears = {kind: output_linear(block, kind) for kind in KINDS}
-    hessians = {kind: torch.zeros(lin.in_features, lin.in_features) for kind, lin in linears.items()}
+    hessians = {kind: _zeros_square(lin) for kind, lin in linears.items()}
     cross = {kind: torch.zeros_like(h) for kind, h in hessians.items()}
     seen: dict[str, torch.Tensor] = {}
 
@@ -84,9 +90,10 @@ def paired_stats(
 
     with capture_inputs(linears, grab), torch.inference_mode():
         for (_, x), (_, xd) in zip(inputs.batches(batch_size), dense_inputs.batches(batch_size), strict=True):
-            block(xd, attention_mask=None, position_embeddings=pos)
+            device = pos[0].device
+            block(xd.to(device), attention_mask=None, position_embeddings=pos)
             dense = dict(seen)
-            block(x, attention_mask=None, position_embeddings=pos)
+            block(x.to(device), attention_mask=None, position_embeddings=pos)
             for kind in KINDS:
                 hessians[kind].addmm_(seen[kind].t(), seen[kind])
                 cross[kind].addmm_(seen[kind].t(), dense[kind])
@@ -115,14 +122,14 @@ def expected_weight(
         return dense
     gs = geo.group_size(sub.kind)
     if mode == "centre":
-        return scatter_columns(copies[0], dense.shape[1], gs).to(dense.dtype)
+        return scatter_columns(copies[0], dense.shape[1], gs).to(dense.device, dense.dtype)
     weights = {level: sub.density_weight(level) for level in copies}
     total = sum(weights.values())
-    out = torch.zeros(dense.shape, dtype=torch.float32)
+    out = torch.zeros(dense.shape, dtype=torch.float32, device=dense.device)
     if total == 0:
         return out.to(dense.dtype)
     for level, copy in copies.items():
-        out += (weights[level] / total) * scatter_columns(copy, dense.shape[1], gs).float()
+        out += (weights[level] / total) * scatter_columns(copy, dense.shape[1], gs).to(dense.device).float()
     return out.to(dense.dtype)
 
 
@@ -201,12 +208,14 @@ class LayerCursor:
         n, t = windows.shape
         shape = (n, t, model.geometry.hidden)
         budget, spill = settings.activation_budget_bytes, settings.spill_dir
-        self._acts = [Activations(shape, model.dtype, budget, spill) for _ in range(2)]
+        # the two buffers (this layer's inputs, the next layer's) share the device budget
+        on_device = dict(device=model.device, device_budget=settings.device_budget_bytes // 2)
+        self._acts = [Activations(shape, model.dtype, budget, spill, **on_device) for _ in range(2)]
         embed_windows(model, windows, self._acts[0], settings.batch_size)
         # the dense model's own activations, for fitting dense outputs from pruned inputs
         self._dense: list[Activations] | None = None
         if settings.refit_target == "dense" and settings.accumulation != "none":
-            self._dense = [Activations(shape, model.dtype, budget, spill) for _ in range(2)]
+            self._dense = [Activations(shape, model.dtype, budget, spill, **on_device) for _ in range(2)]
             self._dense[0].data.copy_(self._acts[0].data)
         self._cross: dict[Kind, torch.Tensor] | None = None
         self.pos = model.position_embeddings(t)
