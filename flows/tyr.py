@@ -28,10 +28,7 @@ from tyr_core.store import is_committed
 from tyr_runtime.runs import open_run, release_run
 from tyr_runtime.workspace import RunRef
 
-from . import heartbeats
 from .presets import resolve_config
-
-heartbeats.install()  # every run's end no longer waits up to 1 s for Prefect's heartbeat thread (flows/heartbeats.py)
 
 
 @flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES))
