@@ -11,17 +11,18 @@ from tyr_core.evaluate import perplexity
 from tyr_core.export.plot import PNG_NAME
 from tyr_core.param_count import dense_params, layout_params
 from tyr_core.pipeline import apply_layout, magnitude_layout
-from tyr_core.store import commit_bytes, is_committed, read_json
+from tyr_core.store import best_iteration, commit_bytes, is_committed, read_json
 from tyr_runtime.workspace import RunRef, Workspace, dumps, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
 from .reports import publish_markdown, summary_markdown
 
 
-def final_layout(ws: Workspace, iteration: int):
-    """The searched model's layout: the winning levels of ``iteration``, read from its supernet."""
-    result = read_json(ws.store, keys.result_key(iteration))
-    return ws.reader(iteration).layout(result["levels"])
+def final_layout(ws: Workspace, last: int):
+    """The searched model's layout: the winning levels of the best iteration up to ``last``, from its supernet."""
+    best = best_iteration(ws.store, last)
+    result = read_json(ws.store, keys.result_key(best))
+    return ws.reader(best).layout(result["levels"])
 
 
 @task(name="evaluate-baselines", cache_key_fn=artefact_cache_key(lambda p: keys.baselines_report_key()), **IO_RETRIES)
@@ -32,14 +33,20 @@ def evaluate_baselines(ref: RunRef) -> dict:
     if not is_committed(ws.store, key):
         heldout, geo = ws.heldout(), ws.model.geometry
         reader = ws.reader(1)
-        model = ws.dense_model()
-        report = {"dense_ppl": perplexity(model, heldout), "dense_params": dense_params(ws.model.config)}
+        model, logits = ws.forward_model()
+        report = {
+            "dense_ppl": perplexity(model, heldout, logits_fn=logits),
+            "dense_params": dense_params(ws.model.config),
+        }
         uniform = reader.layout([0] * len(reader.sublayers))
         apply_layout(model, uniform, geo)
-        report |= {"uniform_ppl": perplexity(model, heldout), "uniform_params": layout_params(ws.model.config, uniform)}
-        model = ws.dense_model()
+        report |= {
+            "uniform_ppl": perplexity(model, heldout, logits_fn=logits),
+            "uniform_params": layout_params(ws.model.config, uniform),
+        }
+        model, logits = ws.forward_model()
         apply_layout(model, magnitude_layout(model, geo, reader.sublayers), geo)
-        report["magnitude_ppl"] = perplexity(model, heldout)
+        report["magnitude_ppl"] = perplexity(model, heldout, logits_fn=logits)
         commit_bytes(ws.store, key, dumps(report), ws.config.artefact_hash())
     return read_json(ws.store, key)
 
@@ -54,15 +61,16 @@ def evaluate(ref: RunRef, iteration: int) -> dict:
     ws = workspace(ref)
     key = keys.final_report_key(iteration)
     if not is_committed(ws.store, key):
+        best = best_iteration(ws.store, iteration)
         layout = final_layout(ws, iteration)
-        model = ws.dense_model()
+        model, logits = ws.forward_model()
         apply_layout(model, layout, ws.model.geometry)
         report = {
-            "iteration": iteration,
-            "tyr_ppl": perplexity(model, ws.heldout()),
+            "iteration": best,
+            "tyr_ppl": perplexity(model, ws.heldout(), logits_fn=logits),
             "tyr_params": layout_params(ws.model.config, layout),
             "baselines": read_json(ws.store, keys.baselines_report_key()),
-            "sparsities": read_json(ws.store, keys.result_key(iteration))["sparsities"],
+            "sparsities": read_json(ws.store, keys.result_key(best))["sparsities"],
         }
         commit_bytes(ws.store, key, dumps(report), ws.config.artefact_hash())
     return read_json(ws.store, key)

@@ -29,7 +29,7 @@ def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
         state = _previous_state(ws, iteration, generation)
         sm, forward = ws.search_model(iteration)
         teacher_ = _teacher(ws)
-        windows = ws.calibration()[: teacher_.index["windows"]]
+        windows = ws.search_windows()[: teacher_.index["windows"]]
         forward.set_reference(state.parent)  # offspring share the parent's unchanged layers
         evaluate = make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)
         genes = sm.reader.sublayers
@@ -47,6 +47,14 @@ def _previous_state(ws, iteration: int, generation: int) -> SearchState:
     return initial_state(genes, ws.config.seed + iteration, iteration)
 
 
+def _validation_fitness(ws, iteration: int, levels: list[int]) -> float:
+    sm, forward = ws.search_model(iteration)
+    teacher_ = _teacher(ws)
+    windows = ws.search_windows()[: teacher_.index["windows"]]
+    forward.set_reference(levels)
+    return make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)(levels, list(range(windows.shape[0])))
+
+
 def _teacher(ws) -> TeacherTopK:
     index = read_json(ws.store, keys.teacher_index_key())
     for shard in index["shards"]:
@@ -57,7 +65,8 @@ def _teacher(ws) -> TeacherTopK:
 
 @task(name="recentre", cache_key_fn=artefact_cache_key(lambda p: keys.result_key(p["iteration"])), **IO_RETRIES)
 def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
-    """The iteration's winner: per-sublayer sparsity, and the centres of the next (halved) interval."""
+    """The iteration's winner: per-sublayer sparsity, its fitness on every validation window (which picks the
+    run's final model across iterations), and the centres of the next (halved) interval."""
     ws = workspace(ref)
     key = keys.result_key(iteration)
     if not is_committed(ws.store, key):
@@ -67,6 +76,7 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
             "iteration": iteration,
             "levels": state.parent,
             "fitness": state.parent_fitness,
+            "validation_fitness": _validation_fitness(ws, iteration, state.parent),
             "sparsities": {s.name: s.sparsity(lv) for s, lv in zip(subs, state.parent, strict=True)},
             "next_centres": recentre(subs, state.parent),
         }

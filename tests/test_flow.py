@@ -48,11 +48,15 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     attn = [v for k, v in result["sparsities"].items() if k.endswith("self_attn")]
     mlp = [v for k, v in result["sparsities"].items() if k.endswith("mlp")]
     assert sum(attn) / len(attn) == pytest.approx(0.5) and sum(mlp) / len(mlp) == pytest.approx(0.5)
-    # GC kept only the last iteration's supernet
-    assert not (run_dir / "iter-1" / "supernet").exists() or not any(
-        (run_dir / "iter-1" / "supernet").rglob("*.safetensors")
-    )
-    assert any((run_dir / "iter-2" / "supernet").rglob("*.safetensors"))
+    # the final model is the iteration whose winner scored best on the validation windows; GC kept its supernet
+    # and the last one's, nothing else
+    fitness = {
+        it: json.loads((run_dir / f"iter-{it}" / "result.json").read_text())["validation_fitness"] for it in (1, 2)
+    }
+    best = 1 if fitness[1] < fitness[2] else 2
+    assert out["report"]["iteration"] == best
+    kept = {it for it in (1, 2) if any((run_dir / f"iter-{it}" / "supernet").rglob("*.safetensors"))}
+    assert kept == {best, 2}
 
     _check_artifacts("t1", out["report"]["tyr_ppl"])
     _check_heartbeats()
@@ -79,8 +83,21 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     # with nothing committed, and the next task failed on the missing plan). This one prunes two levels at once
     # through the task runner (concurrent_prunes, outside the artefact hash), to the same result.
     other = tmp_path / "other"
-    elsewhere = tyr(preset="tiny-test", run_id="t1", store_url=f"file://{other}", overrides=["concurrent_prunes=2"])
+    # The device is a run setting too: device=cpu gives the default run's artefacts on a machine without a GPU.
+    settings = ["concurrent_prunes=2", "device=cpu"]
+    elsewhere = tyr(preset="tiny-test", run_id="t1", store_url=f"file://{other}", overrides=settings)
     assert (other / "runs" / "t1" / "iter-1" / "plan.json").is_file() and elsewhere["result"] == out["result"]
+
+    # a validation split: the search scores windows that no copy was refitted on
+    held = tmp_path / "held"
+    tyr(preset="tiny-test", run_id="v1", store_url=f"file://{held}", overrides=["calibration.validation_windows=4"])
+    from safetensors.torch import load_file
+
+    calib = load_file(held / "runs" / "v1" / keys.calibration_key())["windows"]
+    validation = load_file(held / "runs" / "v1" / keys.calibration_key("validation"))["windows"]
+    assert validation.shape == (4, 64) and torch.equal(calib, load_file(run_dir / keys.calibration_key())["windows"])
+    assert not any(torch.equal(v, c) for v in validation for c in calib)
+    assert json.loads((held / "runs" / "v1" / keys.teacher_index_key()).read_text())["windows"] == 4
     shutil.rmtree(run_dir)
     redone = tyr(preset="tiny-test", run_id="t1", store_url=url)
     assert (run_dir / "iter-2" / "result.json").is_file() and redone["result"] == out["result"]

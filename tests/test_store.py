@@ -24,6 +24,7 @@ from tyr_core.errors import (
 from tyr_core.store import (
     FileStore,
     Store,
+    best_iteration,
     collect_garbage,
     commit_bytes,
     commit_file,
@@ -426,3 +427,16 @@ def test_gc_removes_manifests_orphaned_by_someone_else(tmp_path):
     (tmp_path / keys.stats_key(1, 0)).unlink()  # its manifest now points at nothing
     collect_garbage(store, 2)
     assert store.list("iter-1/stats/") == [] and _dangling_manifests(store) == []
+
+
+def test_the_best_iteration_by_validation_fitness_is_final_and_survives_gc(tmp_path):
+    store = FileStore(tmp_path)
+    _fill_iterations(store, (1, 2, 3))
+    assert best_iteration(store, 3) == 3  # no results yet: the last
+    for it, fitness in ((1, 0.50), (2, 0.40), (3, 0.45)):
+        commit_json(store, keys.result_key(it), {"iteration": it, "validation_fitness": fitness}, "cfg")
+    assert best_iteration(store, 1) == 1 and best_iteration(store, 3) == 2
+    assert collect_garbage(store, 3, keep_last=1).iterations == (1,)  # iteration 2's supernet is kept
+    assert store.list(keys.supernet_prefix(2)) and store.list(keys.supernet_prefix(3))
+    commit_json(store, keys.result_key(4), {"iteration": 4, "validation_fitness": 0.40}, "cfg")
+    assert best_iteration(store, 4) == 4  # a tie goes to the later iteration

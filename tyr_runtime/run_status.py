@@ -163,13 +163,16 @@ def saved_config(store: Store, run_id: str) -> dict:
 def _details(store: Store, saved: dict, results: list[dict], present: set[str], complete: bool, holder) -> dict:
     iterations = saved["config"]["prune"]["iterations"]
     formats = [f for f in EXPORT_FORMATS if keys.manifest_key(keys.export_marker_key(f)) in present]
+    report = read_json(store, keys.final_report_key(iterations)) if complete else None
+    # the final model is the best iteration's winner (the report names it), else the latest so far
+    chosen = [r for r in results if report and r["iteration"] == report.get("iteration")] or results[-1:]
     return {
         "store_url": store.url,
         "artefact_hash": saved.get("artefact_hash"),
         "iterations": results,
-        "final_sparsities": results[-1]["sparsities"] if results else {},
-        "final_iteration": results[-1]["iteration"] if results else None,
-        "report": read_json(store, keys.final_report_key(iterations)) if complete else None,
+        "final_sparsities": chosen[0]["sparsities"] if chosen else {},
+        "final_iteration": chosen[0]["iteration"] if chosen else None,
+        "report": report,
         "exports": formats,
         "lock": holder,
         "config": saved["config"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tyr_core import keys
 from tyr_core.config import RunConfig, load_run_config
 from tyr_core.families import default_cache_dir, resolve_model
 from tyr_core.layerwise import LayerwiseModel
-from tyr_core.pipeline import prune_settings
+from tyr_core.pipeline import Placement, check_fits, placement, prune_settings, resident_or_streamed
 from tyr_core.prefix import PrefixForward
 from tyr_core.store import Store, fetch_verified, hash_file, read_json, read_manifest
 from tyr_core.sublayer_layout import PrunedSublayer
@@ -53,6 +54,7 @@ class Workspace:
     _tokenizer: object | None = None
     _plans: dict[int, dict] = field(default_factory=dict)
     _fresh: dict[str, PrunedSublayer] = field(default_factory=dict)
+    _placement: Placement | None = None
 
     _fetched: set[str] = field(default_factory=set)
 
@@ -73,12 +75,22 @@ class Workspace:
         return path
 
     @property
+    def placement(self) -> Placement:
+        """The run's device and device-memory budget (``device``, ``device_memory_mb``), resolved once."""
+        with self.lock:
+            if self._placement is None:
+                self._placement = placement(self.config)
+            return self._placement
+
+    @property
     def model(self) -> LayerwiseModel:
         with self.lock:
             if self._model is None:
                 folder = resolve_model(self.config.model.source, revision=self.config.model.revision)
                 dtype = getattr(torch, self.config.model.dtype)
-                self._model = LayerwiseModel(folder, dtype, self.config.model.trust_remote_code)
+                model = LayerwiseModel(folder, dtype, self.config.model.trust_remote_code, self.placement.device)
+                check_fits(model, self.config, self.placement)
+                self._model = model
             return self._model
 
     def tokenizer(self):
@@ -104,11 +116,19 @@ class Workspace:
     def heldout(self) -> torch.Tensor:
         return load_file(self.fetch(keys.calibration_key("heldout")))["windows"]
 
+    def search_windows(self) -> torch.Tensor:
+        """The windows the search's fitness scores (the teacher's): the validation split, disjoint from the windows
+        the copies are refitted on, or the first calibration windows when there is none."""
+        if self.config.calibration.validation_windows:
+            return load_file(self.fetch(keys.calibration_key("validation")))["windows"]
+        return self.calibration()
+
     def cursor(self, iteration: int, sublayers) -> LayerCursor:
         with self.lock:
             if iteration not in self._cursors:
                 self.end_build()  # one build at a time: free the previous iteration's activations
-                settings = prune_settings(self.config.prune, spill_dir=self.cache)
+                budget = self.placement.budget_bytes // 2  # the other half: the block, its Hessians, the prunes
+                settings = prune_settings(self.config.prune, spill_dir=self.cache, device_budget_bytes=budget)
                 self._cursors[iteration] = LayerCursor(self.model, self.calibration(), settings, list(sublayers))
             return self._cursors[iteration]
 
@@ -145,10 +165,20 @@ class Workspace:
         return SupernetReader(self.cache, index=index, fetch=self.fetch)
 
     def dense_model(self) -> torch.nn.Module:
-        """The whole dense model in memory (teacher logits, evaluation, export)."""
+        """The whole dense model in host memory (export; ``forward_model`` for what computes)."""
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(self.model.folder, dtype=self.model.dtype).eval()
+
+    def forward_model(self) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        """A dense model that computes on the run's device, and its ``input_ids -> logits``: the model's own forward
+        when it is resident there, else its decoder blocks streamed through the device (teacher, evaluation)."""
+        model = self.dense_model()
+        forward = resident_or_streamed(model, [], self.placement, 0)
+        if forward.streamer is None:
+            device = self.placement.device
+            return model, lambda ids: model(ids.to(device)).logits
+        return model, lambda ids: forward.logits(ids, [])
 
     def search_model(self, iteration: int) -> tuple[SupernetModel, PrefixForward]:
         """The one resident model for the search; candidates swap only the sublayers whose level changed, and
@@ -158,9 +188,10 @@ class Workspace:
                 self._search = {}  # one resident model: drop the previous iteration's
                 dense = self.dense_model()
                 dense.config._attn_implementation = "sdpa"
-                sm = SupernetModel(dense, self.reader(iteration), self.model.geometry)
+                reader = self.reader(iteration)
                 budget = (2 << 30) if self.config.search.prefix_sharing else 0
-                self._search[iteration] = (sm, PrefixForward(dense, sm.reader.sublayers, budget))
+                forward = resident_or_streamed(dense, reader.sublayers, self.placement, budget)
+                self._search[iteration] = (SupernetModel(dense, reader, self.model.geometry), forward)
             return self._search[iteration]
 
 

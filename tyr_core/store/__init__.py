@@ -22,7 +22,7 @@ from .commit import (
     uncommit,
 )
 from .filestore import FileStore
-from .gc import GcReport, collect_garbage
+from .gc import GcReport, best_iteration, collect_garbage
 from .protocol import CHUNK_BYTES, TEMP_PREFIX, Store, check_key, check_prefix
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "GcReport",
     "Manifest",
     "Store",
+    "best_iteration",
     "check_key",
     "check_prefix",
     "collect_garbage",

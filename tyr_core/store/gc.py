@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .. import keys
 from ..errors import ConfigError, MissingArtefactError
-from .commit import is_committed
+from .commit import is_committed, read_json
 from .protocol import Store
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,25 @@ class GcReport:
     iterations: tuple[int, ...] = ()
 
 
+def best_iteration(store: Store, last: int) -> int:
+    """The iteration, up to ``last``, whose winner has the best validation fitness: the run's final model.
+
+    Under error accumulation each iteration rebuilds its copies, so a later winner can be worse than an earlier
+    one. Ties and results without a validation fitness go to the later iteration.
+    """
+    best, best_fitness = last, None
+    for iteration in range(last, 0, -1):
+        if not is_committed(store, keys.result_key(iteration)):
+            continue
+        fitness = read_json(store, keys.result_key(iteration)).get("validation_fitness")
+        if fitness is not None and (best_fitness is None or fitness < best_fitness):
+            best, best_fitness = iteration, fitness
+    return best
+
+
 def collect_garbage(store: Store, current_iteration: int, keep_last: int = 1) -> GcReport:
-    """Delete the stats and supernets of iterations ``K <= current_iteration - keep_last``.
+    """Delete the stats and supernets of iterations ``K <= current_iteration - keep_last``, except the best
+    iteration so far (``best_iteration``), whose supernet the final model is read from.
 
     Runs only once ``current_iteration``'s result is committed; search states, plans and results are kept.
     Each manifest goes before its object, so a crash mid-GC never leaves a manifest without its object, and
@@ -38,7 +55,8 @@ def collect_garbage(store: Store, current_iteration: int, keep_last: int = 1) ->
         log.info("GC skipped: the result of iteration %d is not committed yet", current_iteration)
         return GcReport()
     freed = deleted = 0
-    collected = tuple(range(1, current_iteration - keep_last + 1))
+    best = best_iteration(store, current_iteration)  # an earlier best outlives keep_last; the current one follows it
+    collected = tuple(i for i in range(1, current_iteration - keep_last + 1) if i != best or i == current_iteration)
     for iteration in collected:
         for prefix in (keys.stats_prefix(iteration), keys.supernet_prefix(iteration)):
             f, d = _delete_prefix(store, prefix)
