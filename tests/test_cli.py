@@ -439,7 +439,9 @@ def test_store_serve_until_interrupted(tmp_path):
             assert line, proc.stderr.read()
             lines.append(line)
         info = json.loads("".join(lines))
-        store = open_store(info["store_url"], info["endpoint_url"], access_key="any", secret_key="any")
+        creds = json.loads(Path(info["credentials_file"]).read_text())
+        assert Path(info["credentials_file"]).stat().st_mode & 0o077 == 0  # the user's only
+        store = open_store(info["store_url"], info["endpoint_url"], **creds)
         commit_json(store, "probe.json", {"ok": True})
         assert is_committed(store, "probe.json")
         proc.send_signal(signal.SIGINT)

@@ -52,8 +52,8 @@ def start_embedded(stack: contextlib.ExitStack, data_dir: Path | None = None) ->
     with refusing():
         s3 = stack.enter_context(EmbeddedSeaweed(data_dir))
     creds = s3.client_options()
-    # The tasks read credentials from the environment. The embedded server is anonymous, so a dummy pair signs
-    # the requests and the user's own credentials are never sent to it.
+    # The tasks read credentials from the environment: the embedded server's own generated pair (kept 0600 in its
+    # data folder), so the user's own credentials are never sent to it.
     stack.enter_context(
         environment(
             AWS_ACCESS_KEY_ID=creds["access_key"], AWS_SECRET_ACCESS_KEY=creds["secret_key"], AWS_SESSION_TOKEN=None

@@ -30,11 +30,12 @@ def cmd_store_serve(args: argparse.Namespace) -> int:
 
 
 def announce_server(server, as_json: bool) -> None:
-    creds = server.client_options()  # a dummy pair for the anonymous server, not anyone's credentials
+    creds = server.client_options()  # the server's generated pair (kept 0600 in its data folder)
     info = {
         "endpoint_url": server.endpoint_url,
         "store_url": server.store_url,
         "data_dir": str(server.data_dir),
+        "credentials_file": str(server.credentials_file),
         "env": {"TYR_STORE_URL": server.store_url, "TYR_S3_ENDPOINT_URL": server.endpoint_url},
     }
     if as_json:
@@ -44,8 +45,8 @@ def announce_server(server, as_json: bool) -> None:
         f"SeaweedFS S3 at {server.endpoint_url} (bucket {server.store_url}, data in {server.data_dir}).\n"
         "In another shell:\n"
         f"  export TYR_STORE_URL={server.store_url} TYR_S3_ENDPOINT_URL={server.endpoint_url}\n"
-        f"  export AWS_ACCESS_KEY_ID={creds['access_key']} AWS_SECRET_ACCESS_KEY={creds['secret_key']}"
-        "   # any pair: the server is anonymous\n"
+        f"  export AWS_ACCESS_KEY_ID={creds['access_key']} AWS_SECRET_ACCESS_KEY={creds['secret_key']}\n"
+        f"(the server requires this pair; it is kept in {server.credentials_file}, readable by you only)\n"
         "Ctrl-C stops it.",
         flush=True,
     )

@@ -1,17 +1,22 @@
 """The embedded S3 server: SeaweedFS (``weed mini``) on loopback, free ports, data in the user's cache.
 
 The CLI starts it when no store URL is configured and stops it afterwards; ``tyr store serve`` keeps it up.
-By default the server is anonymous (any non-empty key pair is accepted) and binds to 127.0.0.1 only; give
-``access_key``/``secret_key`` to make it check signatures (SeaweedFS reads them from its environment).
+The server binds to 127.0.0.1 only and checks every request's signature: its key pair is generated once and kept in
+``<data>/s3-credentials.json`` (mode 0600, in a 0700 data folder); give ``access_key``/``secret_key`` to use
+another pair. It runs with umask 077 (its files and its unix sockets are its owner's only), dies with the process
+that started it (Linux: ``PR_SET_PDEATHSIG``), and records its pid in the data folder, so a later start finds and
+stops a server whose owner was killed before it could stop it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,9 +33,11 @@ from tyr_core.errors import NoSuchBucketError, StoreError
 from .storage import S3Store
 
 BUCKET = "tyr"
-ANONYMOUS_KEY = "tyr-embedded"  # any pair works against an anonymous server; boto3 just needs one to sign
+CREDENTIALS_FILE = "s3-credentials.json"  # the generated key pair, 0600
 _PORTS_FILE = "tyr-ports.json"
 _LOCK_FILE = "tyr-weed.lock"
+_PID_FILE = "tyr-weed.pid.json"  # the running server: its pid and its owner's, so a later start can stop an orphan
+_PR_SET_PDEATHSIG = 1
 # Every port `weed mini` opens. The admin server's gRPC port is not a flag the worker honours: the worker dials
 # admin.port + 10000, so the admin port is chosen with that one free too (see _free_admin_port).
 _PORT_FLAGS = (
@@ -91,6 +99,54 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def load_or_create_credentials(data_dir: Path) -> tuple[str, str]:
+    """The embedded server's key pair, generated once into ``data_dir/s3-credentials.json`` (created 0600, and put
+    back to 0600 if someone widened it). Raises ``StoreError`` if the file is unreadable or malformed."""
+    path = Path(data_dir) / CREDENTIALS_FILE
+    pair = {"access_key": "tyr-" + secrets.token_hex(8), "secret_key": secrets.token_urlsafe(30)}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            os.chmod(path, 0o600)
+            saved = json.loads(path.read_text())
+            return str(saved["access_key"]), str(saved["secret_key"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StoreError(
+                f"the embedded SeaweedFS's credentials file {path} is unreadable ({type(err).__name__}); delete it "
+                "to generate a new pair"
+            ) from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(pair, f)
+    return pair["access_key"], pair["secret_key"]
+
+
+def _child_setup(parent: int) -> Callable[[], None]:
+    """Runs in the server's process before ``exec``: owner-only files and sockets, and death with its parent."""
+
+    def setup() -> None:
+        os.umask(0o077)
+        with contextlib.suppress(Exception):  # Linux only; elsewhere the pid file still finds orphans
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the death signal was armed
+            os._exit(1)
+
+    return setup
+
+
+def _is_weed_of(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` is a live ``weed`` serving ``data_dir`` (and not a recycled pid of something else)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return (
+        bool(cmdline)
+        and Path(cmdline[0].decode(errors="replace")).name == "weed"
+        and (f"-dir={data_dir}".encode() in cmdline)
+    )
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as weed (Go) binds: TIME_WAIT is no obstacle
@@ -149,7 +205,8 @@ class EmbeddedSeaweed:
         port: the S3 port (default: a free one, the previous one when still free).
         startup_timeout: seconds to wait for S3 to answer and the bucket to exist.
         bucket: the bucket to create.
-        access_key, secret_key: credentials the server should require; anonymous when None.
+        access_key, secret_key: credentials the server requires; when None, the pair kept in
+            ``data_dir/s3-credentials.json`` (generated on first use).
         stop_timeout: seconds between SIGTERM and SIGKILL when stopping.
     """
 
@@ -165,7 +222,7 @@ class EmbeddedSeaweed:
         stop_timeout: float = 15,
     ):
         if (access_key is None) != (secret_key is None):
-            raise StoreError("give the embedded SeaweedFS both access_key and secret_key, or neither")
+            raise StoreError("give the embedded SeaweedFS both access_key and secret_key, or neither (generated)")
         self.data_dir = Path(data_dir or _default_data_dir()).expanduser().resolve()
         self.requested_port = port
         self.startup_timeout = startup_timeout
@@ -194,13 +251,13 @@ class EmbeddedSeaweed:
         return f"s3://{self.bucket}"
 
     @property
-    def anonymous(self) -> bool:
-        return self._access_key is None
+    def credentials_file(self) -> Path:
+        return self.data_dir / CREDENTIALS_FILE
 
     def client_options(self) -> dict[str, str]:
-        """Credentials a client should pass to ``S3Store``/``open_store`` (a dummy pair when anonymous)."""
-        if self.anonymous:
-            return {"access_key": ANONYMOUS_KEY, "secret_key": ANONYMOUS_KEY}
+        """Credentials a client should pass to ``S3Store``/``open_store``: the pair the server requires."""
+        if self._access_key is None:
+            self._access_key, self._secret_key = load_or_create_credentials(self.data_dir)
         return {"access_key": str(self._access_key), "secret_key": str(self._secret_key)}
 
     def open_store(self, prefix: str = "", **options: Any) -> S3Store:
@@ -213,14 +270,18 @@ class EmbeddedSeaweed:
         """Start the server, wait until S3 answers and the bucket exists; retried on a port race."""
         if self.proc is not None and self.proc.poll() is None:
             return self
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.data_dir, 0o700)  # its objects, logs and credentials are the user's only
         check_free_space(self.data_dir)
         self._take_data_dir()
         try:
+            self._stop_orphan()
+            self.client_options()  # generated before the server reads them
             for attempt in range(3):
                 self._spawn(choose_ports(None if attempt else self._saved_ports(), self.requested_port))
                 if self._wait_ready():
                     self._save_ports()
+                    self._save_pid()
                     return self
                 if not self._lost_port_race() or self.requested_port:
                     break
@@ -236,6 +297,8 @@ class EmbeddedSeaweed:
             shutil.rmtree(self._sockets, ignore_errors=True)
             self._sockets = None
         if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.data_dir / _PID_FILE).unlink()
             self._lock.close()  # releases the flock
             self._lock = None
         atexit.unregister(self.stop)
@@ -261,6 +324,34 @@ class EmbeddedSeaweed:
             ) from None
         self._lock = lock
 
+    def _stop_orphan(self) -> None:
+        """Stop a server left running by an owner that was killed (we hold the data folder's flock, so its owner is
+        gone): it would hold SeaweedFS's own locks on the data and make the new server exit."""
+        try:
+            record = json.loads((self.data_dir / _PID_FILE).read_text())
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if pid <= 1 or not _is_weed_of(pid, self.data_dir):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        while _is_weed_of(pid, self.data_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _is_weed_of(pid, self.data_dir):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            while _is_weed_of(pid, self.data_dir) and time.monotonic() < deadline + 10:
+                time.sleep(0.1)
+        _remove_grpc_sockets(self._saved_ports() or {})
+
+    def _save_pid(self) -> None:
+        assert self.proc is not None
+        record = {"pid": self.proc.pid, "owner_pid": os.getpid(), "endpoint_url": self.endpoint_url}
+        with contextlib.suppress(OSError):
+            (self.data_dir / _PID_FILE).write_text(json.dumps(record))
+
     def _command(self, ports: dict[str, int]) -> list[str]:
         assert self._sockets is not None
         return [
@@ -275,17 +366,18 @@ class EmbeddedSeaweed:
         ]
 
     def _environment(self) -> dict[str, str]:
-        # weed reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY as its admin identity: pass only ours, never the user's.
+        # weed reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY as its admin identity (and then refuses any request not
+        # signed with it): pass only ours, never the user's.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        if not self.anonymous:
-            env |= {"AWS_ACCESS_KEY_ID": str(self._access_key), "AWS_SECRET_ACCESS_KEY": str(self._secret_key)}
-        return env
+        creds = self.client_options()
+        return env | {"AWS_ACCESS_KEY_ID": creds["access_key"], "AWS_SECRET_ACCESS_KEY": creds["secret_key"]}
 
     def _spawn(self, ports: dict[str, int]) -> None:
         self._stop_process()
         self.ports = ports
         (self.data_dir / "logs").mkdir(exist_ok=True)
-        self._sockets = self._sockets or Path(tempfile.mkdtemp(prefix="tyr-weed-"))  # short: AF_UNIX paths <= 107
+        # a private (0700) folder with a random name; short: AF_UNIX paths <= 107
+        self._sockets = self._sockets or Path(tempfile.mkdtemp(prefix="tyr-weed-"))
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -295,6 +387,7 @@ class EmbeddedSeaweed:
                 stderr=subprocess.STDOUT,
                 env=self._environment(),
                 start_new_session=True,  # its own process group: stop() signals the whole group
+                preexec_fn=_child_setup(os.getpid()),
             )
         atexit.register(self.stop)
 
@@ -369,7 +462,8 @@ def _terminate_group(proc: subprocess.Popen, timeout: float) -> None:
 
 def _remove_grpc_sockets(ports: dict[str, int]) -> None:
     """weed leaves some of its gRPC unix sockets behind when stopped, at a path it does not let us choose
-    (``/tmp/seaweedfs-<service>-grpc-<port>.sock``); named after our ports, they are ours to remove once it is gone."""
+    (``/tmp/seaweedfs-<service>-grpc-<port>.sock``, created under the server's umask 077, so only its owner can
+    connect); named after our ports, they are ours to remove once it is gone."""
     grpc_ports = {port for flag, port in ports.items() if flag.endswith(".grpc")}
     if "admin.port" in ports:
         grpc_ports.add(ports["admin.port"] + _GRPC_OFFSET)
