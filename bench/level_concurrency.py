@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from flows.presets import resolve_config
+    from flows.recipes import resolve_config
     from tyr_core.families import resolve_model
     from tyr_core.layerwise import LayerwiseModel
     from tyr_core.pipeline import calibration_windows, initial_centres, plan_iteration, prune_settings

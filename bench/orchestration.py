@@ -60,7 +60,7 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
     teacher, every iteration, the baselines, the exports and the final evaluation, in the flow's order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flows.presets import resolve_config
+    from flows.recipes import resolve_config
     from flows.tyr import use_torch_threads
     from tyr_core.calibration import eval_windows, load_documents
     from tyr_core.evaluate import perplexity

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 def build(where: str, layers: int) -> dict:
     """The first ``layers`` layers of iteration 1's build, local prunes in this thread or in a pool thread."""
-    from flows.presets import resolve_config
+    from flows.recipes import resolve_config
     from tasks.data import calibrate
     from tasks.supernet import accumulate, layer_stats, local_prune, plan
     from tyr_runtime.runs import open_run

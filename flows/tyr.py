@@ -28,7 +28,7 @@ from tyr_core.store import is_committed
 from tyr_runtime.runs import open_run, release_run
 from tyr_runtime.workspace import RunRef
 
-from .presets import resolve_config
+from .recipes import resolve_config
 
 
 @flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES))
@@ -77,7 +77,9 @@ def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
 
 @flow(name="tyr", log_prints=False)
 def tyr(
-    preset: str = "smollm2-50",
+    model: str | None = None,
+    recipe: str | None = None,
+    preset: str | None = None,
     target_sparsity: Annotated[float | None, Field(gt=0.0, lt=1.0)] = None,
     iterations: Annotated[int | None, Field(ge=1, le=8)] = None,
     generations: Annotated[int | None, Field(ge=0)] = None,
@@ -87,10 +89,14 @@ def tyr(
     endpoint_url: str | None = None,
     overrides: list[str] | None = None,
 ) -> dict:
-    """Prune a model with Týr-the-Pruner; ``preset`` plus flat overrides define the run (saved as run.json)."""
+    """Prune ``model`` (a hub name, local folder, GGUF file or alias) to ``target_sparsity`` with ``recipe``'s
+    settings, or run a ``preset`` (a shorthand such as smollm2-50, or a config file); flat parameters and
+    ``overrides`` (section.field=value) come last. The resolved config is saved as run.json."""
     started = time.perf_counter()
     log = get_run_logger()
-    config = resolve_config(preset, target_sparsity, iterations, generations, offspring, overrides)
+    config = resolve_config(
+        preset, target_sparsity, iterations, generations, offspring, overrides, model=model, recipe=recipe
+    )
     use_torch_threads(config.torch_threads)
     ref = open_run(config, run_id, store_url, endpoint_url)
     log.info("run %s in %s (config %s)", ref.run_id, ref.store_url, config.artefact_hash())

@@ -1,5 +1,5 @@
 """The ``tyr`` CLI and its deployment files: help, exit codes and one-line messages for bad input (with nothing
-committed changed), presets, runs and progress read from a store, prefect.yaml, the worker image and compose file.
+committed changed), recipes, runs and progress read from a store, prefect.yaml, the worker image and compose file.
 Slow tests run the flow end to end (file store and embedded SeaweedFS), serve the store, and deploy to a real
 Prefect server."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.presets import preset_path, resolve_config
+from flows.recipes import resolve_config
 from tyr_cli import main
 from tyr_cli.common import one_line, redact
 from tyr_core import keys
@@ -72,6 +72,7 @@ def make_run(base: Path, run_id: str, preset: str = "tiny-test") -> tuple[object
         ["store"],
         ["store", "serve"],
         ["demo"],
+        ["recipes"],
         ["presets"],
     ],
 )
@@ -87,7 +88,12 @@ def test_help_of_every_command(command, capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["prune", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["prune", "no-such-model"], "unknown model or shorthand 'no-such-model': give a hub name 'org/name'"),
+        (["prune", "smollm2-135m"], "no target sparsity for smollm2-135m: give --sparsity"),
+        (
+            ["prune", "smollm2-135m", "--sparsity", "0.5", "--recipe", "nope"],
+            "unknown recipe 'nope' (--recipe); recipes: cpu-small, demo, paper, tiny-test",
+        ),
         (["prune", "tiny-test", "--set", "prune.bogus=1"], "prune.bogus: Extra inputs are not permitted"),
         (["prune", "tiny-test", "--set", "prune.target_sparsity=1.5"], "prune.target_sparsity: Input should be less"),
         (["prune", "tiny-test", "--set", "prune.target_sparsity=0"], "prune.target_sparsity: Input should be greater"),
@@ -207,13 +213,16 @@ def test_one_line_joins_field_lists_and_keeps_long_details_apart():
 # ------------------------------------------------------------------------------------------ presets, runs
 
 
-def test_presets_are_listed_with_their_description(capsys):
-    code, out, _ = run_cli(["presets", "--json"], capsys)
-    rows = {row["name"]: row["description"] for row in json.loads(out)}
-    assert code == 0 and {"smollm2-50", "smollm2-25", "tiny-test", "llama-3.1-70b-50", "qwen2.5-7b-12.5"} <= set(rows)
-    assert rows["tiny-test"].startswith("A seeded tiny random Llama")
-    code, out, _ = run_cli(["presets"], capsys)
-    assert code == 0 and "smollm2-50" in out and "tiny-test" in out
+def test_recipes_are_listed_with_what_they_cost_and_the_shorthands(capsys):
+    code, out, _ = run_cli(["recipes", "--json"], capsys)
+    listed = json.loads(out)
+    rows = {row["name"]: row for row in listed["recipes"]}
+    assert code == 0 and set(rows) == {"paper", "cpu-small", "demo", "tiny-test"}
+    assert rows["paper"]["offspring_evaluations"] == 4 * 50 * 128 and rows["paper"]["calibration_tokens"] == 2**22
+    assert set(listed["shorthands"]) == {"tiny-test", "smollm2-demo", "smollm2-25", "smollm2-50"}
+    code, out, _ = run_cli(["recipes"], capsys)
+    assert code == 0 and "cpu-small" in out and "smollm2-50" in out and "docs/benchmarks.md" in out
+    assert run_cli(["presets", "--json"], capsys)[1] == json.dumps(listed, indent=1) + "\n"  # the former name
 
 
 def test_runs_on_an_empty_store(tmp_path, capsys):
@@ -281,15 +290,9 @@ def test_progress_counts_committed_copies_layers_and_generations(tmp_path):
 def test_prefect_yaml_declares_the_four_deployments():
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    expected = {
-        "llama70b": "llama-3.1-70b-50",
-        "llama8b": "llama-3.1-8b-50",
-        "smollm2-demo": "smollm2-demo",
-        "tiny-test": "tiny-test",
-    }
-    assert {name: d["parameters"]["preset"] for name, d in deployments.items()} == expected
+    assert set(deployments) == {"llama70b", "llama8b", "smollm2-demo", "tiny-test"}
     for d in deployments.values():
-        assert preset_path(d["parameters"]["preset"]).is_file()
+        assert set(d["parameters"]) == {"model", "recipe", "target_sparsity"}
         assert d["entrypoint"] == "flows/tyr.py:tyr" and (REPO / "flows" / "tyr.py").is_file()
         assert d["work_pool"]["name"] == "tyr-process" and d["concurrency_limit"] == 1
         assert d["work_pool"]["job_variables"]["env"]["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"

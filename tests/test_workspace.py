@@ -9,7 +9,7 @@ import weakref
 import torch
 from safetensors.torch import save_file
 
-from flows.presets import resolve_config
+from flows.recipes import resolve_config
 from tyr_core import keys
 from tyr_core.grid import Sublayer
 from tyr_core.store import commit_bytes, commit_file

@@ -141,7 +141,7 @@ def signals_as_interrupt(*signals: signal.Signals) -> Iterator[None]:
 
 
 EPILOG = """exit codes: 0 success; 1 the run (export, eval) failed, or another process holds the run; 2 refused
-before anything ran (arguments, preset, config key or value, model, store URL or store, run id reused with
+before anything ran (arguments, model, recipe, config key or value, store URL or store, run id reused with
 another config).
 store: --store, else $TYR_STORE_URL (file:///PATH or s3://BUCKET/PREFIX, with --endpoint-url or
 $TYR_S3_ENDPOINT_URL for non-AWS S3; credentials from the AWS chain), else the embedded SeaweedFS, started for the
@@ -152,6 +152,17 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def sparsity_fraction(text: str) -> float:
+    """``--sparsity``: a fraction strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction such as 0.5, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), e.g. 0.5, got {value}")
     return value
 
 

@@ -8,11 +8,11 @@ import signal
 
 from tyr_core.errors import TyrError
 
-from . import demo, evaluate, export, presets, prune, runs, store
+from . import demo, evaluate, export, prune, recipes, runs, store
 from .common import EPILOG, InvalidInput, err_console, report_error, signals_as_interrupt
 
 # Each command's module adds its parser (its flags, help and handler); the order is the order of ``tyr --help``.
-COMMANDS = (prune, runs, evaluate, export, store, demo, presets)
+COMMANDS = (prune, runs, evaluate, export, store, demo, recipes)
 
 
 def build_parser() -> argparse.ArgumentParser:

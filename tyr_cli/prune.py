@@ -26,6 +26,7 @@ from .common import (
     out_console,
     print_json,
     refusing,
+    sparsity_fraction,
     store_flags,
     without_userinfo,
 )
@@ -38,7 +39,9 @@ from .progress import progress_bars, quiet_console
 class PreparedRun:
     """A validated run, ready to start."""
 
-    preset: str
+    target: str  # a model, a shorthand or a config file (absolute)
+    recipe: str | None
+    sparsity: float | None
     overrides: list[str]
     config: Any
     run_id: str
@@ -48,13 +51,13 @@ class PreparedRun:
 
 def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> PreparedRun:
     """Everything that can be checked before the flow starts (exit 2 on any problem), the store touched last."""
-    from flows.presets import resolve_config
+    from flows.recipes import resolve_config
     from tyr_runtime.runs import default_run_id
     from tyr_runtime.storage import check_run_id, check_store
 
-    preset = _preset_arg(args.preset)
+    target = _target_arg(args.model)
     with refusing():
-        config = resolve_config(preset, overrides=args.set)
+        config = resolve_config(target, args.sparsity, overrides=args.set, recipe=args.recipe)
         run_id = check_run_id(args.run_id or default_run_id(config))
     location = open_location(args, stack)
     with refusing():
@@ -65,13 +68,14 @@ def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> Prepar
         check_store(store)
         check_same_config(store, config, run_id)
     check_not_running(store, run_id)
-    return PreparedRun(preset, list(args.set), config, run_id, location, store)
+    return PreparedRun(target, args.recipe, args.sparsity, list(args.set), config, run_id, location, store)
 
 
-def _preset_arg(preset: str) -> str:
-    """A config path is made absolute (the flow may resolve it elsewhere); a preset name stays a name."""
-    path = Path(preset).expanduser()
-    return str(path.resolve()) if path.suffix in (".yaml", ".yml") else preset
+def _target_arg(target: str) -> str:
+    """A config path is made absolute (the flow may resolve it elsewhere); a model or shorthand stays as given."""
+    from flows.recipes import is_config_file
+
+    return str(Path(target).expanduser().resolve()) if is_config_file(target) else target
 
 
 def check_same_config(store, config, run_id: str) -> None:
@@ -84,8 +88,8 @@ def check_same_config(store, config, run_id: str) -> None:
     if saved.get("artefact_hash") != config.artefact_hash():
         raise IncompatibleRunError(
             f"run {run_id!r} in {store.url} was started with another configuration (artefact hash "
-            f"{saved.get('artefact_hash')}, now {config.artefact_hash()}); resume it with the same preset and "
-            "--set values, or choose a new --run-id"
+            f"{saved.get('artefact_hash')}, now {config.artefact_hash()}); resume it with the same model, recipe, "
+            "--sparsity and --set values, or choose a new --run-id"
         )
     err_console.print(f"resuming run [bold]{run_id}[/bold]: committed work is not recomputed")
 
@@ -148,8 +152,10 @@ def check_text_files(config) -> None:
 
 def run_flow(run: PreparedRun, verbose: bool, show_progress: bool) -> tuple[dict, float]:
     """The ``tyr`` flow, in this process (local Prefect unless PREFECT_API_URL names a server)."""
+    from flows.recipes import is_config_file, is_shorthand
     from flows.tyr import tyr
 
+    named = is_config_file(run.target) or is_shorthand(run.target)
     api = without_userinfo(prefect_api_url()) or "a temporary local server"
     err_console.print(f"run [bold]{run.run_id}[/bold] in {run.store.url}; Prefect: {api}", highlight=False)
     started = time.perf_counter()
@@ -157,7 +163,10 @@ def run_flow(run: PreparedRun, verbose: bool, show_progress: bool) -> tuple[dict
     try:
         with progress_bars(run.location.run(run.run_id), run.config, show_progress):
             result = tyr(
-                preset=run.preset,
+                model=None if named else run.target,
+                preset=run.target if named else None,
+                recipe=run.recipe,
+                target_sparsity=run.sparsity,
                 run_id=run.run_id,
                 store_url=run.location.url,
                 endpoint_url=run.location.endpoint_url,
@@ -253,8 +262,20 @@ def add_parser(sub) -> None:
         "Validate, then run the tyr flow (local Prefect unless PREFECT_API_URL is set) with progress bars, and end "
         "with a summary. The same command again resumes the same run: the default run id comes from the config.",
     )
-    p.add_argument("preset", metavar="PRESET|CONFIG.yaml", help="a preset name (tyr presets) or a config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. prune.iterations=2")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a hub name (org/name), a local folder, a .gguf file or an alias (smollm2-135m); or a shorthand for a "
+        "model + recipe + sparsity (smollm2-50, tyr recipes lists them); or a CONFIG.yaml holding a whole run",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=sparsity_fraction,
+        metavar="S",
+        help="fraction of attention heads and MLP neurons to remove, e.g. 0.5 (a shorthand has its own)",
+    )
+    p.add_argument("--recipe", metavar="NAME", help="the method's settings (tyr recipes lists them)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. search.offspring=8")
     p.add_argument("--run-id", help="run id (default: model name + config hash, so re-running resumes)")
     p.add_argument("--out", help="copy the exports here (default: out/RUN_ID when the store is the embedded one)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's log lines")

@@ -1,0 +1,62 @@
+"""``tyr recipes``: each recipe and what it spends, from its settings; the shorthands and model aliases."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from .common import add_command, out_console, print_json
+
+BENCHMARKS = "docs/benchmarks.md"  # measured times and quality live there, not here
+
+
+def recipe_rows() -> list[dict]:
+    from flows.recipes import recipe_cost, recipe_names
+
+    return [recipe_cost(name) for name in recipe_names()]
+
+
+def _short_source(source: str) -> str:
+    """``@shakespeare/calibration`` -> shakespeare, ``HuggingFaceFW/fineweb-edu`` -> fineweb-edu."""
+    return source[1:].split("/")[0] if source.startswith("@") else source.rsplit("/", 1)[-1]
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from flows.recipes import DEFAULT_RECIPE, DEFAULT_RECIPES, MODEL_ALIASES, SHORTHANDS
+
+    rows = recipe_rows()
+    if args.json:
+        shorthands = {n: vars(s) for n, s in SHORTHANDS.items()}
+        print_json({"recipes": rows, "shorthands": shorthands, "model_aliases": MODEL_ALIASES})
+        return 0
+    table = Table(title="recipes (tyr prune MODEL --sparsity S --recipe NAME)")
+    columns = ("recipe", "for", "iterations x generations x offspring", "levels", "calibration tokens", "teacher")
+    for column in columns:
+        table.add_column(column, no_wrap=column == "recipe")
+    for r in rows:
+        search = f"{r['iterations']} x {r['generations']} x {r['offspring']} = {r['offspring_evaluations']:,}"
+        calibration = f"{r['calibration_tokens']:,} ({_short_source(r['calibration_source'])})"
+        teacher = f"top-{r['teacher_topk']} on {r['teacher_windows'] or 'all'} windows"
+        table.add_row(
+            r["name"], f"{r['description']} ({r['dtype']})", search, str(r["supernet_levels"]), calibration, teacher
+        )
+    out_console.print(table)
+    defaults = ", ".join(f"{m}: {r}" for m, r in DEFAULT_RECIPES.items())
+    out_console.print(f"default recipe: {defaults}; any other model: {DEFAULT_RECIPE}", highlight=False)
+    shorthands = Table(title="shorthands (tyr prune NAME)")
+    for column in ("shorthand", "model", "recipe", "sparsity"):
+        shorthands.add_column(column)
+    for name, short in SHORTHANDS.items():
+        shorthands.add_row(name, short.model, short.recipe, f"{short.sparsity:g}")
+    out_console.print(shorthands)
+    out_console.print(f"model aliases: {', '.join(f'{a} = {m}' for a, m in MODEL_ALIASES.items())}", highlight=False)
+    out_console.print(f"measured wall times and quality: {BENCHMARKS}", highlight=False)
+    return 0
+
+
+def add_parser(sub) -> None:
+    for name in ("recipes", "presets"):  # presets: the name of this list before recipes replaced presets
+        add_command(sub, name, cmd_recipes, "list the recipes, what each costs, and the shorthands").add_argument(
+            "--json", action="store_true", help="one JSON document on stdout"
+        )
