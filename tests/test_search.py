@@ -32,6 +32,7 @@ from tyr_core.search import (
     run_search,
     select,
     shift_one_level,
+    stage_window_count,
 )
 
 # --- genomes ----------------------------------------------------------------------------------------------------------
@@ -444,3 +445,12 @@ def test_config_is_frozen():
     cfg = SearchConfig()
     with pytest.raises(ValidationError):
         cfg.offspring = 3
+
+
+def test_a_stage_scores_at_least_min_stage_windows():
+    assert stage_window_count(512, 64, 512) == 1
+    assert stage_window_count(512, 64, 512, min_windows=4) == 4
+    assert stage_window_count(8192, 64, 512, min_windows=4) == 16  # the token count still rules above it
+    assert stage_window_count(512, 3, 512, min_windows=4) == 3  # capped at the windows there are
+    rng = np.random.default_rng(0)
+    assert len(draw_stage_windows(rng, 100, 64, 512, min_windows=5)) == 5

@@ -52,6 +52,9 @@ class SearchConfig(BaseModel):
         min_length=1,
         description="candidates kept after each stage; the last stage keeps 1, the next parent (§6.3)",
     )
+    min_stage_windows: int = Field(
+        1, ge=1, description="fewest windows a selection stage scores, whatever its token count (1: the reference)"
+    )
     max_swaps: int = Field(
         4, ge=1, description="most sparsity shifts per mutation; the count is the min of two uniform draws (§6.2)"
     )
@@ -224,12 +227,15 @@ def offspring(
 # --- selection (§6.3) -----------------------------------------------------------------------------------------------
 
 
-def stage_window_count(tokens: int, n_windows: int, seq_len: int) -> int:
-    """Fixed-length windows holding at least ``tokens`` tokens, capped at the windows available."""
-    return min(n_windows, max(1, math.ceil(tokens / seq_len)))
+def stage_window_count(tokens: int, n_windows: int, seq_len: int, min_windows: int = 1) -> int:
+    """Fixed-length windows holding at least ``tokens`` tokens (and at least ``min_windows``), capped at the windows
+    available. One window of text ranks candidates on one passage; more spread the judgement over the corpus."""
+    return min(n_windows, max(1, min_windows, math.ceil(tokens / seq_len)))
 
 
-def draw_stage_windows(rng: np.random.Generator, tokens: int, n_windows: int, seq_len: int) -> list[int]:
+def draw_stage_windows(
+    rng: np.random.Generator, tokens: int, n_windows: int, seq_len: int, min_windows: int = 1
+) -> list[int]:
     """A fresh minibatch of distinct calibration window ids (sorted) for one selection stage.
 
     Raises:
@@ -237,7 +243,7 @@ def draw_stage_windows(rng: np.random.Generator, tokens: int, n_windows: int, se
     """
     if n_windows < 1 or seq_len < 1:
         raise SearchError(f"the search needs calibration windows: got n_windows={n_windows}, seq_len={seq_len}")
-    count = stage_window_count(tokens, n_windows, seq_len)
+    count = stage_window_count(tokens, n_windows, seq_len, min_windows)
     return sorted(int(w) for w in rng.choice(n_windows, size=count, replace=False))
 
 
@@ -337,7 +343,7 @@ def select(
                 counter.total -= 1
             else:
                 pool.append(list(parent))  # elitism (§6.3)
-        windows = draw_stage_windows(rng, tokens, n_windows, seq_len)  # one batch for the whole stage
+        windows = draw_stage_windows(rng, tokens, n_windows, seq_len, cfg.min_stage_windows)  # one batch per stage
         scores = counter.score_pool(evaluate, pool, windows)
         pool, scores = keep_best(pool, scores, keep)
     return Selection(best=pool[0], fitness=scores[0], evaluations=counter.done)
