@@ -1,8 +1,8 @@
 """Scratch folders for the bench scripts, removed when the script exits.
 
 A SmolLM2 bench writes gigabytes (supernets, teacher top-k, stores, a PostgreSQL cluster); left in /tmp, a few
-sessions of benches filled this host's disk until SeaweedFS turned read-only under its 1% free floor and CI
-failed. Set TYR_BENCH_KEEP=1 to keep them for inspection.
+runs fill a small disk, and SeaweedFS turns read-only under 1% free. Set TYR_BENCH_KEEP=1 to keep them for
+inspection.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``tyr`` flow: one run is the whole coarse-to-fine loop of Týr-the-Pruner (ALGORITHM.md §7.1, Alg. 4).
+"""The ``tyr`` flow: one run is the whole coarse-to-fine loop of Týr-the-Pruner (docs/algorithm.md, Alg. 4).
 
 calibrate -> teacher -> for each iteration: plan, build the supernet layer by layer (stats, local prune at
 every level through the task runner, accumulate the expectation), search generations, recentre -> garbage-collect ->

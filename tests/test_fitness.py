@@ -1,4 +1,4 @@
-"""The search's fitness (ALGORITHM.md §6.4): renormalised top-k KL, the on-disk teacher cache, and the evaluator on a
+"""The search's fitness (docs/algorithm.md): renormalised top-k KL, the on-disk teacher cache, and the evaluator on a
 tiny random Llama."""
 
 from __future__ import annotations

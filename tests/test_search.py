@@ -1,4 +1,4 @@
-"""The sparsity-shift search (ALGORITHM.md §6): budgets, bounds, kinds, swap counts, offspring, selection, convergence
+"""The sparsity-shift search (docs/algorithm.md): budgets, bounds, kinds, swap counts, offspring, selection, convergence
 to a known optimum, determinism, exact resume from JSON, elitism and config validation. No model involved."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from tyr_core.search import (
 
 def realistic_genome(layers: int = 30) -> list[Sublayer]:
     """32 heads / 1536 neurons per layer at a 12.5% interval, centres varying over depth and hitting both edges, so
-    many grids are cut short (§4.1)."""
+    many grids are cut short."""
     rng = np.random.default_rng(0)
     attn = [int(c) for c in rng.integers(0, 33, layers)]
     mlp = [int(c) for c in rng.integers(0, 1537, layers)]
@@ -75,7 +75,7 @@ def test_removed_groups_and_the_named_predicates():
     assert not check_bounds([0], genes)
 
 
-# --- mutation (§6.2) ----------------------------------------------------------------------------------------------
+# --- mutation -----------------------------------------------------------------------------------------------------
 
 
 def test_thousands_of_mutations_preserve_both_budgets_exactly_and_stay_on_the_grid():
@@ -98,7 +98,7 @@ def test_thousands_of_mutations_preserve_both_budgets_exactly_and_stay_on_the_gr
 def test_swaps_never_mix_kinds_whatever_the_gene_order():
     genes = realistic_genome()
     order = np.random.default_rng(2).permutation(len(genes))
-    genes = [genes[j] for j in order]  # index parity no longer says anything about the kind (§10.11)
+    genes = [genes[j] for j in order]  # index parity no longer says anything about the kind
     rng = np.random.default_rng(3)
     child = [0] * len(genes)
     budget = removed_groups(child, genes)
@@ -186,7 +186,7 @@ def test_offspring_of_a_tiny_space_are_all_of_it_and_may_include_the_parent():
     assert sorted(map(tuple, kids)) == [(-1, 1), (0, 0), (1, -1)]  # the whole budget-preserving space
 
 
-# --- selection (§6.3) ---------------------------------------------------------------------------------------------
+# --- selection ----------------------------------------------------------------------------------------------------
 
 
 def test_stage_windows_are_distinct_fresh_and_sized_by_tokens():

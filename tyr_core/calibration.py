@@ -1,5 +1,5 @@
 """Calibration and evaluation text: documents from a dataset name or local files, tokenised without BOS, cut into
-sequences by one of two chunkings (ALGORITHM.md §3).
+sequences by one of two chunkings (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def load_documents(*args: Any, **kwargs: Any) -> list[str]:
 
 
 def tokenize(tokenizer, docs: Iterable[str], batch_chars: int = 1 << 20) -> Iterator[list[int]]:
-    """Token ids of each document, with no special tokens (no BOS: ALGORITHM.md §10.7).
+    """Token ids of each document, with no special tokens (no BOS: docs/algorithm.md).
 
     Documents go to the tokenizer in batches of about ``batch_chars`` characters: a fast tokenizer encodes a batch
     on all cores (8.5 MB of Shakespeare: 7.8 s one document at a time, 4.0 s in batches on 2 cores), and the

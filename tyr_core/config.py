@@ -39,10 +39,10 @@ class CalibrationConfig(_Strict):
     num_windows: int = Field(128, gt=0, description="windows (packed) or num_windows*seq_len tokens (reference)")
     seed: int = 0
     validation_windows: int = Field(
-        0,
+        64,
         ge=0,
         description="windows drawn after the calibration windows, disjoint from them, that the search's fitness "
-        "scores on (the teacher's windows); 0 scores the first calibration windows, as the reference does",
+        "scores (the teacher's windows); 0 scores the first calibration windows, as the reference does",
     )
     holdout: list[str] = Field(default_factory=list, description="files for held-out evaluation (whole works)")
 
@@ -193,15 +193,13 @@ class RunConfig(_Strict):
         1,
         ge=1,
         le=MAX_CONCURRENT_PRUNES,
-        description="local-prune tasks of one layer that run at once. On CPU one: torch already spreads one prune over "
-        "every core, and two at once took 1.6x as long per SmolLM2 layer (bench/level_concurrency.py)",
+        description="local-prune tasks of one layer that run at once; 1 on a CPU, where one prune uses every core",
     )
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch's intra-op threads in the process that runs the flow (None: torch's default, one per core). "
-        "1 suits models too small to split an op across cores: on a host that also runs the Prefect server, two "
-        "threads kept the tiny preset's ops waiting at OpenMP barriers for a descheduled worker (docs/architecture.md)",
+        description="torch's intra-op threads in the run's process (None: one per core); 1 for models too small "
+        "to split an op across cores",
     )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where to compute: auto (CUDA if present), cpu, cuda:N"

@@ -1,6 +1,6 @@
 """Evaluation of a (pruned) causal LM: held-out perplexity, prefill/decode latency, and lm-evaluation-harness tasks.
 
-Perplexity follows ALGORITHM.md §7.3: documents joined with "\\n\\n", tokenised without special tokens (no BOS),
+Perplexity follows docs/algorithm.md: documents joined with "\\n\\n", tokenised without special tokens (no BOS),
 cut into non-overlapping windows with the remainder dropped, token-weighted mean NLL, then exp. Downstream tasks
 go through EleutherAI's lm-evaluation-harness (``pip install lm_eval``), an optional dependency imported only by
 ``lm_eval_tasks``; the paper reports plain ``acc`` (not ``acc_norm``), MMLU 5-shot.
@@ -121,7 +121,7 @@ def latency(
     """Prefill and decode throughput with a KV cache, after one warm-up run (best of ``repeats``).
 
     The prompt is seeded random token ids; decoding is greedy and ignores EOS, so exactly ``gen_len`` tokens are
-    generated per sequence (ALGORITHM.md §7.3 reports TTFT and decode tokens/s at in = out = 2048).
+    generated per sequence (the paper reports TTFT and decode tokens/s at in = out = 2048).
 
     Args:
         model: a causal LM (``logits``, ``past_key_values``, ``logits_to_keep``), in eval mode.

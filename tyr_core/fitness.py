@@ -1,13 +1,13 @@
-"""The search's fitness: KL(dense || candidate) on the dense model's top-k logits, renormalised (ALGORITHM.md §6.4).
+"""The search's fitness: KL(dense || candidate) on the dense model's top-k logits, renormalised (docs/algorithm.md).
 
 The teacher's top-k is computed once, before the search, and kept on disk as fp16 values and int32 ids in
-safetensors shards that are read lazily (§10.6: top-8192 in fp32 for 4M tokens would be ~275 GB of RAM). Only the
+safetensors shards that are read lazily (top-8192 in fp32 for 4M tokens would be ~275 GB of RAM). Only the
 windows a stage draws are read back. The candidate's logits are gathered at the teacher's ids, both sides are
 renormalised over those k entries, and the per-token KL is averaged over tokens, the last position of each window
 dropped, as the reference does.
 
 Only the logits term is implemented. The paper's eq. 6 adds hidden-state distances of chosen layers with weights
-it never gives; the reference and the paper's default use logits only (§6.4, §9).
+it never gives; the reference and the paper's default use logits only.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class TeacherTopK:
 def topk_kl(teacher_vals: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor) -> tuple[float, int]:
     """Summed per-token KL(teacher || student) over the teacher's top-k entries, renormalised, and its token count.
 
-    Both distributions are ``log_softmax`` over the same k entries only, in fp32 (ALGORITHM.md §6.4). The last
+    Both distributions are ``log_softmax`` over the same k entries only, in fp32 (docs/algorithm.md). The last
     position of each window is dropped, as the reference does. With k = vocabulary this is the full-vocabulary KL.
 
     Args:

@@ -1,7 +1,7 @@
 """Integer bookkeeping of sparsity: groups per sublayer, centres, steps and the supernet level grid.
 
 Everything is counted in whole groups (query heads for attention, neurons for the MLP), never in float
-sparsities (ALGORITHM.md §10.4-5). A level ``l`` of a sublayer means ``centre + l * step`` groups removed.
+sparsities (docs/algorithm.md). A level ``l`` of a sublayer means ``centre + l * step`` groups removed.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def build_sublayers(
 
 
 def recentre(sublayers: list[Sublayer], levels: list[int]) -> dict[Kind, list[int]]:
-    """Groups removed by the winning levels: the next iteration's centres (ALGORITHM.md §7.1)."""
+    """Groups removed by the winning levels: the next iteration's centres (docs/algorithm.md)."""
     centres: dict[Kind, list[int]] = {k: [] for k in KINDS}
     for sub, level in zip(sublayers, levels, strict=True):
         centres[sub.kind].append(sub.removed(level))

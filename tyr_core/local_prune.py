@@ -1,6 +1,6 @@
 """The local pruner: Taylor-informed group saliency, OBS updates and an exact least-squares refit.
 
-Follows ALGORITHM.md §2 (the released code's ``LocalPruner``): work on ``B = W^T`` (rows are input channels),
+Follows docs/algorithm.md (the released code's ``LocalPruner``): work on ``B = W^T`` (rows are input channels),
 fp32 ``H = sum x x^T`` damped by 1% of its mean diagonal, a fixed ``G = H B`` from the dense weight, groups removed
 greedily over a few rounds with OBS updates, then the kept rows refitted exactly: ``B_K = H_KK^-1 G_K``.
 """
@@ -88,7 +88,7 @@ def refit(h: torch.Tensor, g: torch.Tensor, kept_rows: torch.Tensor) -> torch.Te
 
 @dataclass(frozen=True)
 class LocalProblem:
-    """What every copy of one sublayer shares: computed once, then pruned at each level (§2.1)."""
+    """What every copy of one sublayer shares: computed once, then pruned at each level."""
 
     weight: torch.Tensor  # dense (d_out, d_in), original dtype
     b: torch.Tensor  # W^T in fp32 with dead input rows zeroed

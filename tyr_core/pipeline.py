@@ -163,7 +163,7 @@ def initial_centres(geo: Geometry, cfg: PruneConfig) -> dict[Kind, list[int]]:
 
 
 def plan_iteration(geo: Geometry, cfg: PruneConfig, iteration: int, centres: dict[Kind, list[int]]) -> list[Sublayer]:
-    """The supernet grid of iteration ``iteration`` (1-based): interval halves each iteration (ALGORITHM.md §7.1)."""
+    """The supernet grid of iteration ``iteration`` (1-based): interval halves each iteration (docs/algorithm.md)."""
     interval = cfg.interval / 2 ** (iteration - 1)
     groups = {kind: geo.groups(kind) for kind in KINDS}
     return build_sublayers(groups, geo.num_layers, centres, interval, cfg.num_levels)

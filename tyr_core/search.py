@@ -1,10 +1,10 @@
-"""The evolutionary sparsity-shift search of one iteration (ALGORITHM.md §6), pure and seeded.
+"""The evolutionary sparsity-shift search of one iteration (docs/algorithm.md), pure and seeded.
 
 A candidate is a list of integer levels, one per gene (``grid.Sublayer``, in the genome's order). A mutation moves
-one level of budget from a gene to a gene of the same kind, by the kind tag and never by index parity (§10.11), so
-the attention and MLP budgets never change (§6.2). Selection is multi-stage and elitist: every stage scores its pool
-on a fresh minibatch of calibration windows and keeps the best, and the parent rejoins the pool at the last stage
-(§6.3). The evaluator is injected and the RNG is explicit and serialised with the state, so the search runs without
+one level of budget from a gene to a gene of the same kind, by the kind tag and never by index parity, so
+the attention and MLP budgets never change. Selection is multi-stage and elitist: every stage scores its pool
+on a fresh minibatch of calibration windows and keeps the best, and the parent rejoins the pool at the last stage.
+The evaluator is injected and the RNG is explicit and serialised with the state, so the search runs without
 a model and a search resumed from any committed generation does exactly what an uninterrupted one would have done.
 """
 
@@ -36,27 +36,27 @@ ATTEMPTS_PER_CHILD = 50
 
 
 class SearchConfig(BaseModel):
-    """Settings of the sparsity-shift search (ALGORITHM.md §6); the defaults are the paper's."""
+    """Settings of the sparsity-shift search (docs/algorithm.md); the defaults are the paper's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    offspring: int = Field(128, ge=1, description="unique children of the parent per generation (§6.2)")
-    generations: int = Field(50, ge=0, description="generations per iteration (§6, §7.1)")
+    offspring: int = Field(128, ge=1, description="unique children of the parent per generation")
+    generations: int = Field(50, ge=0, description="generations per iteration")
     stage_tokens: list[int] = Field(
         default_factory=lambda: [2048, 16384, 131072],
         min_length=1,
-        description="calibration tokens each selection stage scores its pool on, a fresh minibatch per stage (§6.3)",
+        description="calibration tokens each selection stage scores its pool on, a fresh minibatch per stage",
     )
     survivors: list[int] = Field(
         default_factory=lambda: [16, 4, 1],
         min_length=1,
-        description="candidates kept after each stage; the last stage keeps 1, the next parent (§6.3)",
+        description="candidates kept after each stage; the last stage keeps 1, the next parent",
     )
     min_stage_windows: int = Field(
         1, ge=1, description="fewest windows a selection stage scores, whatever its token count (1: the reference)"
     )
     max_swaps: int = Field(
-        4, ge=1, description="most sparsity shifts per mutation; the count is the min of two uniform draws (§6.2)"
+        4, ge=1, description="most sparsity shifts per mutation; the count is the min of two uniform draws"
     )
     prefix_sharing: bool = Field(
         True, description="reuse the parent's hidden states for a candidate's unchanged leading layers (speed only)"
@@ -94,11 +94,11 @@ class SearchConfig(BaseModel):
         return self
 
 
-# --- constraints (named predicates, STYLE-ANCHORS house style 8) -------------------------------------------------
+# --- constraints (named predicates) ----------------------------------------------------------------------------------
 
 
 def removed_groups(levels: Sequence[int], genes: Sequence[Sublayer]) -> dict[Kind, int]:
-    """Groups removed per kind by a candidate: the budgets a mutation must preserve (§6.2).
+    """Groups removed per kind by a candidate: the budgets a mutation must preserve.
 
     Raises:
         GridError: if a level is outside its gene's grid.
@@ -133,7 +133,7 @@ def require_fits(levels: Sequence[int], genes: Sequence[Sublayer], what: str = "
 
 
 def can_go_denser(gene: Sublayer, level: int) -> bool:
-    """Whether the gene has a copy one level denser (the supernet grid is cut short at the edges, §4.1)."""
+    """Whether the gene has a copy one level denser (the supernet grid is cut short at the edges)."""
     return level - 1 >= gene.lo
 
 
@@ -142,13 +142,13 @@ def can_go_sparser(gene: Sublayer, level: int) -> bool:
     return level + 1 <= gene.hi
 
 
-# --- mutation (§6.2) ------------------------------------------------------------------------------------------------
+# --- mutation -------------------------------------------------------------------------------------------------------
 
 
 def draw_swap_count(rng: np.random.Generator, max_swaps: int = 4) -> int:
     """Number of sparsity shifts of one mutation: the min of two uniform draws in ``1..max_swaps``.
 
-    This favours small moves: P(n) = (2 (max_swaps - n) + 1) / max_swaps², i.e. 7, 5, 3, 1 / 16 for 4 (§6.2).
+    This favours small moves: P(n) = (2 (max_swaps - n) + 1) / max_swaps², i.e. 7, 5, 3, 1 / 16 for 4.
     """
     return min(int(rng.integers(1, max_swaps + 1)), int(rng.integers(1, max_swaps + 1)))
 
@@ -157,8 +157,8 @@ def shift_one_level(child: list[int], genes: Sequence[Sublayer], rng: np.random.
     """One sparsity shift, in place: gene ``d`` one level denser, gene ``i`` of the same kind one level sparser.
 
     As in the reference, ``d`` is uniform over the genes that can go denser and ``i`` uniform over the genes of
-    ``d``'s kind that can go sparser, both judged before the shift; ``d == i`` is allowed and changes nothing
-    (§10.11). A gene is never moved off its grid. Kinds with no legal pair are skipped, where the reference
+    ``d``'s kind that can go sparser, both judged before the shift; ``d == i`` is allowed and changes nothing.
+    A gene is never moved off its grid. Kinds with no legal pair are skipped, where the reference
     would spin forever.
 
     Returns:
@@ -180,7 +180,7 @@ def shift_one_level(child: list[int], genes: Sequence[Sublayer], rng: np.random.
 
 
 def mutate(parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Generator, max_swaps: int = 4) -> list[int]:
-    """A child of ``parent`` after ``draw_swap_count`` sparsity shifts (ALGORITHM.md §6.2).
+    """A child of ``parent`` after ``draw_swap_count`` sparsity shifts (docs/algorithm.md).
 
     Every gene of a kind has the same step in groups, so each shift keeps the groups removed per kind exactly.
 
@@ -203,7 +203,7 @@ def mutate(parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Gene
 def offspring(
     parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Generator, n: int, max_swaps: int = 4
 ) -> list[list[int]]:
-    """Up to ``n`` unique children of ``parent``, in the order drawn; a child equal to the parent is kept (§6.2).
+    """Up to ``n`` unique children of ``parent``, in the order drawn; a child equal to the parent is kept.
 
     Duplicates are rejected. After ``ATTEMPTS_PER_CHILD * n`` mutations the search space is taken to be too small
     and fewer children are returned.
@@ -224,7 +224,7 @@ def offspring(
     return children
 
 
-# --- selection (§6.3) -----------------------------------------------------------------------------------------------
+# --- selection ------------------------------------------------------------------------------------------------------
 
 
 def stage_window_count(tokens: int, n_windows: int, seq_len: int, min_windows: int = 1) -> int:
@@ -316,7 +316,7 @@ def select(
     seq_len: int,
     progress: Progress | None = None,
 ) -> Selection:
-    """Multi-stage elitist selection (ALGORITHM.md §6.3).
+    """Multi-stage elitist selection (docs/algorithm.md).
 
     Each stage draws a fresh minibatch of distinct windows, scores its whole pool on it and keeps the best
     ``cfg.survivors[stage]``. At the last stage the parent joins the pool if it is not already there, so a
@@ -342,7 +342,7 @@ def select(
             if list(parent) in pool:
                 counter.total -= 1
             else:
-                pool.append(list(parent))  # elitism (§6.3)
+                pool.append(list(parent))  # elitism
         windows = draw_stage_windows(rng, tokens, n_windows, seq_len, cfg.min_stage_windows)  # one batch per stage
         scores = counter.score_pool(evaluate, pool, windows)
         pool, scores = keep_best(pool, scores, keep)
@@ -368,7 +368,7 @@ class SearchState(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
-    iteration: int = Field(description="outer iteration this search belongs to (§7.1)")
+    iteration: int = Field(description="outer iteration this search belongs to")
     generation: int = Field(0, ge=0, description="generations completed")
     parent: list[int] = Field(description="levels of the current parent, one per gene; all zeros at the start")
     parent_fitness: float | None = Field(None, description="the parent's fitness when it was selected")
@@ -393,7 +393,7 @@ def restore_rng(state: dict[str, Any]) -> np.random.Generator:
 def initial_state(
     genes: Sequence[Sublayer], seed: int, iteration: int, parent: Sequence[int] | None = None
 ) -> SearchState:
-    """The state before generation 1: the parent is all zeros (the supernet's centres, §6.1) unless given.
+    """The state before generation 1: the parent is all zeros (the supernet's centres) unless given.
 
     Raises:
         SearchError: if ``parent`` does not fit the genome.

@@ -35,7 +35,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @dataclass(frozen=True)
 class PruneSettings:
-    """Local pruner settings (ALGORITHM.md §2; defaults are the reference's)."""
+    """Local pruner settings (docs/algorithm.md; defaults are the reference's)."""
 
     damping: float = 0.01
     attn_rounds: int = 1
@@ -112,7 +112,7 @@ def prune_copy(
 def expected_weight(
     sub: Sublayer, copies: dict[int, PrunedSublayer], dense: torch.Tensor, geo: Geometry, mode: Accumulation
 ) -> torch.Tensor:
-    """The weight the next layers see (ALGORITHM.md §4.3).
+    """The weight the next layers see (docs/algorithm.md).
 
     ``expectation``: the density-weighted mean of the copies, ``sum_e (1 - S_e) W_e / sum_e (1 - S_e)``; since the
     output projection is linear this equals the density-weighted expectation of the copies' outputs (eq. 5).
@@ -425,7 +425,7 @@ class SupernetReader:
 
 class SupernetModel:
     """One resident HF model whose output projections are swapped to supernet copies; applying a candidate
-    only reloads the sublayers whose level changed (ALGORITHM.md §5).
+    only reloads the sublayers whose level changed (docs/algorithm.md).
     """
 
     def __init__(self, model: nn.Module, reader: SupernetReader, geo: Geometry):

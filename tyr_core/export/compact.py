@@ -1,9 +1,9 @@
 """Physically smaller export: a ``TyrForCausalLM`` with per-layer shapes, built from the dense model and a layout.
 
 For a kept head we keep its q rows, the k/v rows of the KV head it reads, and the refitted o_proj columns; for a
-kept neuron its gate/up rows and the refitted down_proj column (ALGORITHM.md §7.2). GQA heads pruned unevenly
-across KV groups are handled by a per-layer query-head -> KV-head map instead of padding (§10 item 2, option c).
-A sublayer with no groups left is dropped (§10 item 14).
+kept neuron its gate/up rows and the refitted down_proj column (docs/algorithm.md). GQA heads pruned unevenly
+across KV groups are handled by a per-layer query-head -> KV-head map instead of padding.
+A sublayer with no groups left is dropped.
 """
 
 from __future__ import annotations

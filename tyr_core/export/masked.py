@@ -1,6 +1,6 @@
 """Masked dense export: the standard architecture with pruned groups zeroed. Loads anywhere; no speed-up.
 
-This is the model the search evaluated (refitted o_proj/down_proj with zero columns, ALGORITHM.md §7.2), with the
+This is the model the search evaluated (refitted o_proj/down_proj with zero columns, docs/algorithm.md), with the
 input-projection rows of removed groups zeroed as well so that the checkpoint shows what is gone. Those rows only
 feed zero columns, so zeroing them changes nothing: Qwen2's q/k/v biases of a removed head reach the output only
 through o_proj's zero columns. Output biases (o_proj/down_proj, where a family has them) are kept, as in the search.

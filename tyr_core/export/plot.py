@@ -16,7 +16,7 @@ PNG_NAME = "sparsity_distribution.png"
 def sparsity_distribution(config, layout: PrunedLayout) -> dict:
     """Per-layer attention and MLP sparsity, kept groups and parameters, with model totals.
 
-    Sparsity is the fraction of groups removed (ALGORITHM.md §1): query heads for attention, neurons for the MLP.
+    Sparsity is the fraction of groups removed (docs/algorithm.md): query heads for attention, neurons for the MLP.
 
     Args:
         config: the dense model's config.
