@@ -9,7 +9,7 @@ from tyr_core import keys
 from tyr_core.fitness import TeacherTopK, make_kl_evaluator
 from tyr_core.grid import recentre
 from tyr_core.search import SearchState, initial_state, run_generation
-from tyr_core.store import commit_bytes, is_committed, read_json
+from tyr_core.store import commit_bytes, is_committed, read_json, read_verified
 from tyr_runtime.workspace import RunRef, dumps, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
@@ -35,14 +35,14 @@ def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
         genes = sm.reader.sublayers
         state = run_generation(state, genes, evaluate, ws.config.search, windows.shape[0], windows.shape[1])
         commit_bytes(ws.store, key, state.model_dump_json().encode(), ws.config.artefact_hash())
-    state = SearchState.model_validate_json(ws.store.get_bytes(key))
+    state = SearchState.model_validate_json(read_verified(ws.store, key))
     return {"generation": state.generation, "fitness": state.parent_fitness, "parent": state.parent}
 
 
 def _previous_state(ws, iteration: int, generation: int) -> SearchState:
     if generation > 1:
         prev = keys.search_state_key(iteration, generation - 1)
-        return SearchState.model_validate_json(ws.store.get_bytes(prev))
+        return SearchState.model_validate_json(read_verified(ws.store, prev))
     genes = ws.reader(iteration).sublayers
     return initial_state(genes, ws.config.seed + iteration, iteration)
 

@@ -226,8 +226,10 @@ def test_an_uncreatable_root_is_a_store_error(tmp_path):
 def test_commit_writes_the_object_then_its_manifest(tmp_path):
     store = RecordingStore(FileStore(tmp_path))
     m = commit_bytes(store, "a/b.bin", b"hello", "cfg-1", meta={"layer": 3})
-    assert store.ops == [("put", "a/b.bin"), ("create", keys.manifest_key("a/b.bin"))]
+    stored = keys.object_key("a/b.bin", sha(b"hello"))  # named by its content
+    assert store.ops == [("put", stored), ("create", keys.manifest_key("a/b.bin"))]
     body = json.loads((tmp_path / keys.manifest_key("a/b.bin")).read_bytes())
+    assert body["object"] == stored and (tmp_path / stored).read_bytes() == b"hello"
     assert body["sha256"] == sha(b"hello") and body["size"] == 5 and body["config_hash"] == "cfg-1"
     assert body["meta"] == {"layer": 3} and body["created"] > 0 and body["key"] == "a/b.bin"
     assert read_manifest(store, "a/b.bin") == m and is_committed(store, "a/b.bin")
@@ -265,10 +267,10 @@ def test_losing_the_manifest_race_with_the_same_bytes_is_fine_and_with_other_byt
             return self.inner.get_bytes(key)
 
     assert commit_bytes(Late(store), "x.bin", b"A", "c") == winner
-    with pytest.raises(ArtefactError, match="overwritten the object"):
+    with pytest.raises(ArtefactError, match="already committed with other bytes.*the committed artefact is untouched"):
         commit_bytes(Late(store), "x.bin", b"B", "c")
-    with pytest.raises(CorruptArtefactError):  # the loser's bytes are now under a manifest that is not theirs
-        read_verified(store, "x.bin")
+    assert read_verified(store, "x.bin") == b"A"  # the committed object was never overwritten
+    assert store.list("") == sorted([keys.object_key("x.bin", sha(b"A")), keys.manifest_key("x.bin")])  # nor left
 
 
 def test_commit_file_and_fetch_verified_round_trip(tmp_path):
@@ -292,7 +294,7 @@ def test_json_helpers_commit_canonical_json(tmp_path):
 def test_corruption_is_detected_and_named(tmp_path):
     store = FileStore(tmp_path)
     commit_bytes(store, "x.bin", b"payload", "cfg")
-    (tmp_path / "x.bin").write_bytes(b"paylord")
+    (tmp_path / keys.object_key("x.bin", sha(b"payload"))).write_bytes(b"paylord")
     with pytest.raises(CorruptArtefactError, match="'x.bin'.*corrupt") as info:
         read_verified(store, "x.bin")
     assert sha(b"payload") in str(info.value) and sha(b"paylord") in str(info.value)
@@ -305,7 +307,7 @@ def test_fetch_verified_deletes_a_bad_download_and_keeps_a_good_local_copy(tmp_p
     commit_bytes(store, "x.bin", b"payload", "cfg")
     dest = tmp_path / "dl" / "x.bin"
     fetch_verified(store, "x.bin", dest)
-    (tmp_path / "s" / "x.bin").write_bytes(b"tampered")
+    (tmp_path / "s" / keys.object_key("x.bin", sha(b"payload"))).write_bytes(b"tampered")
     with pytest.raises(CorruptArtefactError, match="'x.bin'"):
         fetch_verified(store, "x.bin", dest)
     assert dest.read_bytes() == b"payload"  # the verified copy was never replaced by bad bytes
@@ -321,7 +323,7 @@ def test_missing_artefacts_are_named(tmp_path):
     with pytest.raises(MissingArtefactError, match="'y.bin' is not committed"):
         fetch_verified(store, "y.bin", tmp_path / "y.bin")
     commit_bytes(store, "z.bin", b"z", "cfg")
-    (tmp_path / "z.bin").unlink()
+    (tmp_path / keys.object_key("z.bin", sha(b"z"))).unlink()
     with pytest.raises(MissingArtefactError, match="'z.bin' has a manifest but no object"):
         read_verified(store, "z.bin")
     with pytest.raises(MissingArtefactError, match="'z.bin' has a manifest but no object"):
@@ -356,7 +358,17 @@ def _fill_iterations(store, iterations=(1, 2, 3)) -> None:
 
 def _dangling_manifests(store) -> list[str]:
     listed = set(store.list(""))
-    return [k for k in listed if keys.is_manifest(k) and keys.manifest_target(k) not in listed]
+    return [k for k in listed if keys.is_manifest(k) and _stored_at(store, k) not in listed]
+
+
+def _stored_at(store, manifest: str) -> str:
+    """The object a manifest names (content-addressed; the artefact's own key in runs committed before)."""
+    return json.loads(store.get_bytes(manifest)).get("object") or keys.manifest_target(manifest)
+
+
+def _with_objects(store, artefacts: list[str]) -> list[str]:
+    """Every key that committing ``artefacts`` left in the store: their manifests and the objects they name."""
+    return sorted(k for a in artefacts for k in (keys.manifest_key(a), read_manifest(store, a).stored_at))
 
 
 def test_gc_waits_for_the_result_then_keeps_the_last_iteration_and_never_leaves_the_prefix(tmp_path):
@@ -386,9 +398,8 @@ def test_gc_keep_last(tmp_path):
     assert collect_garbage(store, 3, keep_last=2).iterations == (1,)
     assert store.list(keys.supernet_prefix(2)) and not store.list(keys.supernet_prefix(1))
     assert collect_garbage(store, 3, keep_last=0).iterations == (1, 2, 3)
-    assert store.list("iter-3/") == sorted(
-        [keys.plan_key(3), keys.result_key(3), keys.search_state_key(3, 1)]
-        + [keys.manifest_key(k) for k in (keys.plan_key(3), keys.result_key(3), keys.search_state_key(3, 1))]
+    assert store.list("iter-3/") == _with_objects(
+        store, [keys.plan_key(3), keys.result_key(3), keys.search_state_key(3, 1)]
     )
     with pytest.raises(ConfigError, match="keep_last"):
         collect_garbage(store, 3, keep_last=-1)
@@ -398,13 +409,14 @@ def test_gc_deletes_each_manifest_before_its_object(tmp_path):
     store = RecordingStore(FileStore(tmp_path))
     _fill_iterations(store, (1, 2))
     commit_bytes(store, keys.result_key(2), b"{}", "cfg")
+    manifest_of = {_stored_at(store, k): k for k in store.list("") if keys.is_manifest(k)}
     store.ops.clear()
     collect_garbage(store, 2)
     deleted = [k for op, k in store.ops if op == "delete"]
     assert len(deleted) == 10
     for key in deleted:
         if not keys.is_manifest(key):
-            assert deleted.index(keys.manifest_key(key)) < deleted.index(key)
+            assert deleted.index(manifest_of[key]) < deleted.index(key)
 
 
 @pytest.mark.parametrize("crash_after", [1, 2, 5, 9])
@@ -424,7 +436,7 @@ def test_gc_removes_manifests_orphaned_by_someone_else(tmp_path):
     store = FileStore(tmp_path)
     _fill_iterations(store, (1, 2))
     commit_bytes(store, keys.result_key(2), b"{}", "cfg")
-    (tmp_path / keys.stats_key(1, 0)).unlink()  # its manifest now points at nothing
+    (tmp_path / read_manifest(store, keys.stats_key(1, 0)).stored_at).unlink()  # its manifest points at nothing
     collect_garbage(store, 2)
     assert store.list("iter-1/stats/") == [] and _dangling_manifests(store) == []
 
@@ -440,3 +452,54 @@ def test_the_best_iteration_by_validation_fitness_is_final_and_survives_gc(tmp_p
     assert store.list(keys.supernet_prefix(2)) and store.list(keys.supernet_prefix(3))
     commit_json(store, keys.result_key(4), {"iteration": 4, "validation_fitness": 0.40}, "cfg")
     assert best_iteration(store, 4) == 4  # a tie goes to the later iteration
+
+
+# ------------------------------------------------------------------------------------------ symbolic links
+
+
+def _run_with_a_linked_folder(tmp_path):
+    """A run whose iteration-1 supernet folder is a symbolic link to a folder outside the store."""
+    outside = tmp_path / "outside"
+    (outside / "layer-0" / "attn").mkdir(parents=True)
+    victim = outside / "layer-0" / "attn" / "level+0.safetensors"
+    victim.write_bytes(b"not the store's")
+    store = FileStore(tmp_path / "runs" / "r")
+    _fill_iterations(store, (2,))
+    commit_bytes(store, keys.result_key(2), b"{}", "cfg")
+    (tmp_path / "runs" / "r" / "iter-1").mkdir()
+    (tmp_path / "runs" / "r" / keys.supernet_prefix(1).rstrip("/")).symlink_to(outside)
+    return store, victim
+
+
+def test_gc_cannot_delete_outside_the_run_through_a_symbolic_link(tmp_path):
+    store, victim = _run_with_a_linked_folder(tmp_path)
+    with pytest.raises(StoreError, match="symbolic link"):
+        collect_garbage(store, 2)
+    assert victim.read_bytes() == b"not the store's"
+    for op in (
+        lambda: store.delete(keys.copy_key(1, 0, "attn", 0)),
+        lambda: store.get_bytes(keys.copy_key(1, 0, "attn", 0)),
+        lambda: store.put_bytes(keys.copy_key(1, 0, "attn", 0), b"x"),
+        lambda: store.list(keys.supernet_prefix(1)),
+        lambda: store.list(""),
+    ):
+        with pytest.raises(StoreError, match="symbolic link"):
+            op()
+    assert victim.read_bytes() == b"not the store's"
+
+
+def test_a_linked_file_is_refused_too(tmp_path):
+    store = FileStore(tmp_path / "s")
+    (tmp_path / "elsewhere").write_bytes(b"x")
+    (tmp_path / "s" / "k.bin").symlink_to(tmp_path / "elsewhere")
+    for op in (lambda: store.delete("k.bin"), lambda: store.get_bytes("k.bin"), lambda: store.list("")):
+        with pytest.raises(StoreError, match="symbolic link"):
+            op()
+    assert (tmp_path / "elsewhere").read_bytes() == b"x"
+
+
+def test_objects_are_not_world_readable(tmp_path):
+    store = FileStore(tmp_path)
+    m = commit_bytes(store, "a/b.bin", b"x", "cfg")
+    for key in (m.stored_at, keys.manifest_key("a/b.bin")):
+        assert (tmp_path / key).stat().st_mode & 0o007 == 0

@@ -58,6 +58,10 @@ class RunLockedError(TyrError):
     """Another live process is driving this run id."""
 
 
+class LockLostError(RunLockedError):
+    """This process lost the run's lock (another driver took it over); it stops writing to the run."""
+
+
 class InvalidKeyError(StoreError, ValueError):
     """An artefact key could address something outside the store's root or prefix."""
 

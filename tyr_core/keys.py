@@ -1,5 +1,6 @@
 """Every artefact key of a run, built here and nowhere else. Keys are relative to the run's prefix
-(``runs/<run_id>/``) and use '/' separators; every committed object has a manifest at ``manifest_key(key)``.
+(``runs/<run_id>/``) and use '/' separators; every committed artefact has a manifest at ``manifest_key(key)``, which
+names the object that holds its bytes (``object_key(key, sha256)``; runs committed before that kept them at ``key``).
 
 Layout::
 
@@ -35,6 +36,12 @@ def run_prefix(run_id: str) -> str:
 def manifest_key(key: str) -> str:
     """Key of the manifest (sha256, size, config hash) that commits ``key``."""
     return key + MANIFEST_SUFFIX
+
+
+def object_key(key: str, sha256: str) -> str:
+    """Where a commit stores ``key``'s bytes: named by their content, so a committed object is never overwritten with
+    other bytes (a second writer's differ, so they go elsewhere). The manifest names it."""
+    return f"{key}.{sha256[:24]}"
 
 
 def is_manifest(key: str) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import uuid
 
 from tyr_core import keys
@@ -15,7 +14,7 @@ from tyr_core.errors import IncompatibleRunError
 from tyr_core.families import default_cache_dir
 from tyr_core.store import Store, commit_bytes, is_committed, read_json
 
-from .lock import acquire_lock
+from .lock import acquire_lock, release_lock
 from .storage import check_store, run_store
 from .workspace import RunRef, forget
 
@@ -69,10 +68,4 @@ def release_run(ref: RunRef) -> None:
     """The run is over in this process: its lock is released, and its workspace (models, search cache, activations)
     with it, so that a process that drives several runs (a notebook, the bench, the tests) does not keep each one's."""
     forget(ref)
-    store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
-    try:
-        lock = json.loads(store.get_bytes(keys.LOCK_KEY))
-    except Exception:  # nothing to release
-        return
-    if (lock.get("host"), lock.get("pid")) == (socket.gethostname(), os.getpid()):
-        store.delete(keys.LOCK_KEY)
+    release_lock(run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url))

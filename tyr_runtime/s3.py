@@ -43,10 +43,11 @@ from tyr_core.errors import (
     StoreUnreachableError,
 )
 from tyr_core.store import TEMP_PREFIX, check_key, check_prefix
+from tyr_core.store.protocol import WriteGuard
 
 log = logging.getLogger(__name__)
 
-_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's rule for bucket names
 _REJECTED_CREDENTIALS = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -80,6 +81,8 @@ class S3Store:
         multipart_threshold, multipart_chunksize, max_concurrency: large-file transfers (``put_file``/``get_file``).
     """
 
+    write_guard: WriteGuard | None = None  # called with the key before every write or delete (the run lock)
+
     def __init__(
         self,
         bucket: str,
@@ -99,7 +102,10 @@ class S3Store:
         max_concurrency: int = 4,
     ):
         if not _BUCKET.match(bucket or ""):
-            raise ConfigError(f"invalid S3 bucket name {bucket!r}: use letters, digits, '.', '-' and '_'")
+            raise ConfigError(
+                f"invalid S3 bucket name {bucket!r}: a bucket name has 3-63 characters, lowercase letters, digits, "
+                "'.' and '-', and starts and ends with a letter or digit"
+            )
         if (access_key is None) != (secret_key is None):
             raise ConfigError("give both access_key and secret_key, or neither (then the AWS chain is used)")
         self.bucket = bucket
@@ -141,6 +147,12 @@ class S3Store:
 
     def _k(self, key: str) -> str:
         return self.prefix + check_key(key)
+
+    def _w(self, key: str) -> str:
+        """``_k`` for a write or delete: the write guard may refuse it first."""
+        if self.write_guard is not None:
+            self.write_guard(key)
+        return self._k(key)
 
     # ---------------------------------------------------------------------------------------------- errors
 
@@ -193,7 +205,7 @@ class S3Store:
     # --------------------------------------------------------------------------------------------- objects
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        full = self._k(key)
+        full = self._w(key)
         try:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
         except (ClientError, BotoCoreError) as err:
@@ -206,7 +218,7 @@ class S3Store:
         first attempt had landed, the retry answers 412 and this returns False although our bytes are there:
         callers compare what they find (the commit protocol compares sha256).
         """
-        full = self._k(key)
+        full = self._w(key)
         for attempt in range(self.max_attempts):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
@@ -241,7 +253,7 @@ class S3Store:
 
     def put_file(self, key: str, path: Path) -> None:
         """Upload a local file (multipart above ``multipart_threshold``; ETags are not MD5s then: never used)."""
-        path, full = Path(path), self._k(key)
+        path, full = Path(path), self._w(key)
         if not path.is_file():
             raise StoreError(f"cannot store {key!r}: the local file {path} does not exist")
         try:
@@ -297,10 +309,51 @@ class S3Store:
         return sorted(found)
 
     def delete(self, key: str) -> None:
-        full = self._k(key)  # validated: a key can never reach outside this store's prefix
+        full = self._w(key)  # validated: a key can never reach outside this store's prefix
         try:
             self.client.delete_object(Bucket=self.bucket, Key=full)
         except (ClientError, BotoCoreError) as err:
+            raise self._error(err, f"delete {key!r}") from None
+
+    # ------------------------------------------------------------------------------ compare-and-swap (SwapStore)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The bytes and the ETag of ``key``."""
+        full = self._k(key)
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=full)
+            return answer["Body"].read(), str(answer["ETag"])
+        except ClientError as err:
+            if _code(err) in _MISSING:
+                raise MissingArtefactError(f"{key!r} is not in {self.url}") from None
+            raise self._error(err, f"read {key!r}") from None
+        except BotoCoreError as err:
+            raise self._error(err, f"read {key!r}") from None
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """``PutObject`` with ``If-Match``: the new ETag, or None when ``key`` changed (412) or is gone (404). A
+        retried request whose first attempt landed answers 412 too: callers re-read and compare."""
+        full = self._w(key)
+        try:
+            return str(self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfMatch=tag)["ETag"])
+        except ClientError as err:
+            if _status(err) in (404, 412) or _code(err) in ("PreconditionFailed", *_MISSING) or _is_conflict(err):
+                return None
+            raise self._error(err, f"replace {key!r}") from None
+        except BotoCoreError as err:
+            raise self._error(err, f"replace {key!r}") from None
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        """``DeleteObject`` with ``If-Match``: False when ``key`` changed or is gone."""
+        full = self._w(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=tag)
+            return True
+        except ClientError as err:
+            if _status(err) in (404, 412) or _code(err) in ("PreconditionFailed", *_MISSING) or _is_conflict(err):
+                return False
+            raise self._error(err, f"delete {key!r}") from None
+        except BotoCoreError as err:
             raise self._error(err, f"delete {key!r}") from None
 
     # ------------------------------------------------------------------------------------------- bucket

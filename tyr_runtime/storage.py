@@ -12,6 +12,7 @@ from tyr_core import keys
 from tyr_core.errors import ConfigError, StoreError
 from tyr_core.store import FileStore, Store
 
+from .lock import write_guard
 from .s3 import S3Store
 
 SCHEMES = "file:///PATH, a plain path, or s3://BUCKET/PREFIX"
@@ -69,13 +70,13 @@ def check_run_id(run_id: str) -> str:
 
 
 def run_store(base_url: str, run_id: str, endpoint_url: str | None = None, **options: Any) -> Store:
-    """The store scoped to one run, ``<base>/runs/<run_id>/``: nothing a run does can leave that prefix."""
+    """The store scoped to one run, ``<base>/runs/<run_id>/``: nothing a run does can leave that prefix. Its writes
+    are refused once this process has lost the run's lock (``lock.write_guard``)."""
     sub = keys.run_prefix(check_run_id(run_id))
     base = open_store(base_url, endpoint_url, **options)
-    if isinstance(base, S3Store):
-        return base.scoped(sub)
-    assert isinstance(base, FileStore)
-    return FileStore(base.root / sub)
+    store = base.scoped(sub) if isinstance(base, S3Store) else FileStore(base.root / sub)
+    store.write_guard = write_guard(store.url)
+    return store
 
 
 def check_store(store: Store, *, write_probe: bool = True) -> None:

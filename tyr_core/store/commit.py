@@ -1,5 +1,7 @@
-"""The commit protocol: an object is committed by writing it, then its manifest (sha256, size, producing config
-hash) with a conditional create. Readers trust manifests only and verify hashes."""
+"""The commit protocol: an artefact is committed by writing its bytes under a content-addressed object key
+(``keys.object_key``), then its manifest (sha256, size, producing config hash, the object's key) with a conditional
+create. Readers trust manifests only, follow them to the object and verify hashes. A committed object is never
+overwritten: another writer's bytes go to another object, and its manifest loses the conditional create."""
 
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ class Manifest(BaseModel):
     config_hash: str
     meta: dict[str, Any] = Field(default_factory=dict)
     created: float = 0.0  # Unix time of the commit
+    object: str | None = None  # the key that holds the bytes; None: ``key`` itself (runs committed before)
+
+    @property
+    def stored_at(self) -> str:
+        return self.object or self.key
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -53,7 +60,15 @@ def sha256_path(path: Path) -> str:
 
 
 def _new_manifest(key: str, digest: str, size: int, config_hash: str, meta: dict | None) -> Manifest:
-    return Manifest(key=key, sha256=digest, size=size, config_hash=config_hash, meta=meta or {}, created=time.time())
+    return Manifest(
+        key=key,
+        sha256=digest,
+        size=size,
+        config_hash=config_hash,
+        meta=meta or {},
+        created=time.time(),
+        object=keys.object_key(key, digest),
+    )
 
 
 def _committed_or_none(store: Store, key: str) -> Manifest | None:
@@ -63,17 +78,15 @@ def _committed_or_none(store: Store, key: str) -> Manifest | None:
         return None
 
 
-def _same_or_conflict(store: Store, existing: Manifest, attempt: Manifest, overwrote: bool) -> Manifest:
+def _same_or_conflict(store: Store, existing: Manifest, attempt: Manifest) -> Manifest:
     if existing.sha256 == attempt.sha256:
         log.debug("%s is already committed with the same bytes", attempt.key)
         return existing
-    damage = (
-        " This attempt had already overwritten the object, so readers will reject it as corrupt." if overwrote else ""
-    )
     raise ArtefactError(
         f"{attempt.key!r} in {store.url} is already committed with other bytes (committed sha256 {existing.sha256}, "
-        f"this attempt {attempt.sha256}): another process produced it differently.{damage} Make sure one process "
-        f"drives the run, then delete {attempt.key!r} and {keys.manifest_key(attempt.key)!r} and resume."
+        f"this attempt {attempt.sha256}): another process produced it differently; the committed artefact is "
+        f"untouched. Make sure one process drives the run; to recompute it, delete {keys.manifest_key(attempt.key)!r} "
+        "and resume."
     )
 
 
@@ -82,7 +95,10 @@ def _publish_manifest(store: Store, manifest: Manifest) -> Manifest:
     if store.put_if_absent(keys.manifest_key(manifest.key), body):
         log.debug("committed %s (%d bytes, sha256 %s)", manifest.key, manifest.size, manifest.sha256[:12])
         return manifest
-    return _same_or_conflict(store, read_manifest(store, manifest.key), manifest, overwrote=True)
+    existing = read_manifest(store, manifest.key)  # another writer committed first
+    if existing.stored_at != manifest.stored_at:
+        store.delete(manifest.stored_at)  # never committed: the object our attempt wrote is nobody's
+    return _same_or_conflict(store, existing, manifest)
 
 
 def commit_bytes(store: Store, key: str, data: bytes, config_hash: str, meta: dict | None = None) -> Manifest:
@@ -98,8 +114,8 @@ def commit_bytes(store: Store, key: str, data: bytes, config_hash: str, meta: di
     attempt = _new_manifest(check_key(key), sha256_bytes(data), len(data), config_hash, meta)
     existing = _committed_or_none(store, key)
     if existing is not None:
-        return _same_or_conflict(store, existing, attempt, overwrote=False)
-    store.put_bytes(key, data)
+        return _same_or_conflict(store, existing, attempt)
+    store.put_bytes(attempt.stored_at, data)
     return _publish_manifest(store, attempt)
 
 
@@ -109,8 +125,8 @@ def commit_file(store: Store, key: str, path: Path, config_hash: str, meta: dict
     attempt = _new_manifest(check_key(key), digest, size, config_hash, meta)
     existing = _committed_or_none(store, key)
     if existing is not None:
-        return _same_or_conflict(store, existing, attempt, overwrote=False)
-    store.put_file(key, Path(path))
+        return _same_or_conflict(store, existing, attempt)
+    store.put_file(attempt.stored_at, Path(path))
     return _publish_manifest(store, attempt)
 
 
@@ -144,21 +160,26 @@ def read_manifest(store: Store, key: str) -> Manifest:
         ) from None
     if manifest.key != key:
         raise CorruptArtefactError(f"the manifest {mkey!r} in {store.url} commits {manifest.key!r}, not {key!r}")
+    if manifest.object is not None and manifest.object != keys.object_key(key, manifest.sha256):
+        raise CorruptArtefactError(
+            f"the manifest {mkey!r} in {store.url} names the object {manifest.object!r}, not the one its sha256 "
+            f"names; delete {mkey!r}, then resume to recompute the artefact"
+        )
     return manifest
 
 
 def _corrupt(store: Store, key: str, manifest: Manifest, actual: str, size: int) -> CorruptArtefactError:
     return CorruptArtefactError(
         f"artefact {key!r} in {store.url} is corrupt: sha256 {actual} ({size} bytes) but its manifest says "
-        f"{manifest.sha256} ({manifest.size} bytes); delete {key!r} and {keys.manifest_key(key)!r}, then resume "
-        "the run to recompute it"
+        f"{manifest.sha256} ({manifest.size} bytes); delete {keys.manifest_key(key)!r} and {manifest.stored_at!r}, "
+        "then resume the run to recompute it"
     )
 
 
-def _object_missing(store: Store, key: str) -> MissingArtefactError:
+def _object_missing(store: Store, key: str, manifest: Manifest) -> MissingArtefactError:
     return MissingArtefactError(
-        f"artefact {key!r} has a manifest but no object in {store.url}; delete {keys.manifest_key(key)!r} and "
-        "resume the run to recompute it"
+        f"artefact {key!r} has a manifest but no object ({manifest.stored_at!r}) in {store.url}; delete "
+        f"{keys.manifest_key(key)!r} and resume the run to recompute it"
     )
 
 
@@ -171,9 +192,9 @@ def read_verified(store: Store, key: str) -> bytes:
     """
     manifest = read_manifest(store, key)
     try:
-        data = store.get_bytes(key)
+        data = store.get_bytes(manifest.stored_at)
     except MissingArtefactError:
-        raise _object_missing(store, key) from None
+        raise _object_missing(store, key, manifest) from None
     actual = sha256_bytes(data)
     if actual != manifest.sha256:
         raise _corrupt(store, key, manifest, actual, len(data))
@@ -202,13 +223,13 @@ def fetch_verified(store: Store, key: str, path: Path) -> Path:
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(key, tmp)
+        store.get_file(manifest.stored_at, tmp)
         actual, size = hash_file(tmp)
         if actual != manifest.sha256:
             raise _corrupt(store, key, manifest, actual, size)
         os.replace(tmp, path)
     except MissingArtefactError:
-        raise _object_missing(store, key) from None
+        raise _object_missing(store, key, manifest) from None
     except OSError as err:
         raise StoreError(f"could not save {key!r} to {path}: {err.strerror or err}; {write_advice(err)}") from err
     finally:
@@ -218,5 +239,9 @@ def fetch_verified(store: Store, key: str, path: Path) -> Path:
 
 def uncommit(store: Store, key: str) -> None:
     """Remove a committed artefact: manifest first, so a crash never leaves a manifest without its object."""
+    try:
+        stored_at = read_manifest(store, key).stored_at
+    except (MissingArtefactError, CorruptArtefactError):
+        stored_at = key
     store.delete(keys.manifest_key(key))
-    store.delete(key)
+    store.delete(stored_at)

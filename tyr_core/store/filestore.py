@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ArtefactError, MissingArtefactError, StoreError
-from .protocol import CHUNK_BYTES, TEMP_PREFIX, check_key, check_prefix
+from .protocol import CHUNK_BYTES, TEMP_PREFIX, WriteGuard, check_key, check_prefix
+
+OBJECT_MODE = 0o640  # artefacts are the owner's to write, the group's to read, nobody else's
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -25,12 +30,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _open_temp_beside(final: Path) -> tuple[int, Path]:
-    """Create an empty temp file in ``final``'s folder (mode 0o666 less the umask, like any new file)."""
+    """Create an empty temp file in ``final``'s folder (mode ``OBJECT_MODE`` less the umask: never world-readable)."""
     for _ in range(3):  # the folder can vanish between mkdir and open when a GC tidies empty folders
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f"{TEMP_PREFIX}{final.name}.{secrets.token_hex(6)}"
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, OBJECT_MODE), tmp
         except FileNotFoundError:
             continue
     raise OSError(errno.ENOENT, "the folder kept disappearing", str(final.parent))
@@ -80,8 +85,12 @@ class FileStore:
     """A store in a local folder: atomic writes (temp file + rename, fsynced), conditional create by hard link.
 
     A failed write (full disk, permissions) raises ``StoreError`` naming the key, removes its temp file and
-    leaves any object already committed at that key untouched.
+    leaves any object already committed at that key untouched. Symbolic links inside the store are refused: a key
+    is never read, written, listed or deleted through one, so nothing (GC included) can reach outside the root.
+    ``write_guard``, when set, is called with the key before every write or delete (the run lock uses it).
     """
+
+    write_guard: WriteGuard | None = None
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -100,7 +109,21 @@ class FileStore:
         return f"FileStore({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+        """The file of ``key``; refuses a key whose path goes through a symbolic link (below the root)."""
+        path = self.root / check_key(key)
+        at = self.root
+        for part in key.split("/"):
+            at = at / part
+            if at.is_symlink():
+                raise StoreError(
+                    f"{key!r} in {self.url} goes through the symbolic link {at}: the store refuses links (they could "
+                    "reach outside it); replace the link with the folder or file itself"
+                )
+        return path
+
+    def _guard(self, key: str) -> None:
+        if self.write_guard is not None:
+            self.write_guard(key)
 
     def _write_failed(self, key: str, err: OSError) -> StoreError:
         return StoreError(f"could not write {key!r} to {self.url}: {err.strerror or err}; {write_advice(err)}")
@@ -121,15 +144,18 @@ class FileStore:
             raise self._write_failed(key, err) from err
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self._guard(key)
         self._publish(key, self._stage(key, lambda f: f.write(data)))
 
     def put_file(self, key: str, path: Path) -> None:
+        self._guard(key)
         path = Path(path)
         if not path.is_file():
             raise StoreError(f"cannot store {key!r}: the local file {path} does not exist")
         self._publish(key, self._stage(key, _copy_from(path)))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
+        self._guard(key)
         final = self._path(key)
         tmp = self._stage(key, lambda f: f.write(data))
         try:
@@ -151,7 +177,7 @@ class FileStore:
     def _create_exclusive(self, key: str, data: bytes) -> bool:
         final = self._path(key)
         try:
-            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, OBJECT_MODE)
         except FileExistsError:
             return False
         except OSError as err:
@@ -200,20 +226,74 @@ class FileStore:
             raise self._read_failed(key, err) from None
 
     def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix``; symbolic links (to folders or files) are refused with ``StoreError``."""
         check_prefix(prefix)
-        start = self.root / prefix.rpartition("/")[0]  # the deepest folder that can hold matches
+        folder = prefix.rpartition("/")[0]  # the deepest folder that can hold matches
+        if folder:
+            self._path(folder)  # refuses a link on the way there
+        start = self.root / folder
         if not start.is_dir():
             return []
         found: list[str] = []
-        for folder, subfolders, files in os.walk(start):
-            rel = Path(folder).relative_to(self.root).as_posix()
+        for at, subfolders, files in os.walk(start):  # os.walk does not follow links to folders: they come as names
+            rel = Path(at).relative_to(self.root).as_posix()
             base = "" if rel == "." else rel + "/"
+            for name in [*subfolders, *files]:
+                if (Path(at) / name).is_symlink() and _may_hold(base + name + "/", prefix):
+                    raise StoreError(
+                        f"{self.url} holds the symbolic link {base + name!r}: the store refuses links (they could "
+                        "reach outside it); replace it with the folder or file itself"
+                    )
             subfolders[:] = [d for d in subfolders if _may_hold(base + d + "/", prefix)]
             found += [base + f for f in files if not f.startswith(TEMP_PREFIX) and (base + f).startswith(prefix)]
         return sorted(found)
 
+    # ------------------------------------------------------------------------------ compare-and-swap (SwapStore)
+
+    @contextlib.contextmanager
+    def _swap_lock(self, key: str):
+        """Serialises compare-and-swap on ``key`` between processes (an flock on a hidden file beside it)."""
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(final.parent / f"{TEMP_PREFIX}swap-{final.name}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield final
+        finally:
+            os.close(fd)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        self._guard(key)
+        with self._swap_lock(key) as final:
+            try:
+                current = final.read_bytes()
+            except FileNotFoundError:
+                return None
+            if hashlib.sha256(current).hexdigest() != tag:
+                return None
+            self._publish(key, self._stage(key, lambda f: f.write(data)))
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        self._guard(key)
+        with self._swap_lock(key) as final:
+            try:
+                if hashlib.sha256(final.read_bytes()).hexdigest() != tag:
+                    return False
+            except FileNotFoundError:
+                return False
+            self.delete(key)
+        return True
+
     def delete(self, key: str) -> None:
+        self._guard(key)
         path = self._path(key)
+        if stat.S_ISDIR(_lstat_mode(path)):
+            return  # a folder is not an object: nothing to delete under that key
         try:
             path.unlink()
             _fsync_dir(path.parent)  # durable before the caller deletes the next key (GC: manifest, then object)
@@ -235,6 +315,13 @@ class FileStore:
         """A cheap probe: the root is a writable folder."""
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"the store folder {self.root} is not a writable folder; fix its permissions")
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return path.lstat().st_mode
+    except OSError:
+        return 0
 
 
 def _may_hold(folder: str, prefix: str) -> bool:

@@ -66,24 +66,14 @@ def collect_garbage(store: Store, current_iteration: int, keep_last: int = 1) ->
 
 
 def _delete_prefix(store: Store, prefix: str) -> tuple[int, int]:
-    """Delete every key under ``prefix``, each manifest before its object; returns (bytes freed, keys deleted)."""
+    """Delete every key under ``prefix``, every manifest before any object; returns (bytes freed, keys deleted)."""
     listed = store.list(prefix)
-    present = set(listed)
-    freed = deleted = 0
-    for key in listed:
-        if keys.is_manifest(key):
-            continue
-        freed += _size_or_zero(store, key)
-        if keys.manifest_key(key) in present:
-            store.delete(keys.manifest_key(key))
-            deleted += 1
+    manifests = [key for key in listed if keys.is_manifest(key)]
+    objects = [key for key in listed if not keys.is_manifest(key)]
+    freed = sum(_size_or_zero(store, key) for key in objects)
+    for key in [*manifests, *objects]:  # a crash in between leaves objects without manifests, never the reverse
         store.delete(key)
-        deleted += 1
-    for key in listed:  # manifests whose object was removed by someone else: stale, and under a GC'd prefix
-        if keys.is_manifest(key) and keys.manifest_target(key) not in present:
-            store.delete(key)
-            deleted += 1
-    return freed, deleted
+    return freed, len(manifests) + len(objects)
 
 
 def _size_or_zero(store: Store, key: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -45,6 +46,28 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key``; deleting a key that does not exist is not an error."""
         ...
+
+
+@runtime_checkable
+class SwapStore(Store, Protocol):
+    """A store with compare-and-swap on single small objects (the run lock): a write or delete happens only if the
+    object is still the version the caller read. ``FileStore`` and ``S3Store`` (``If-Match`` on the ETag) are."""
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The bytes of ``key`` and a tag naming this version of them."""
+        ...
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """Write ``data`` at ``key`` only if ``key`` is still the version ``tag`` names: the new tag, or None (it
+        changed or is gone; nothing written)."""
+        ...
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        """Delete ``key`` only if it is still the version ``tag`` names; False otherwise (nothing deleted)."""
+        ...
+
+
+WriteGuard = Callable[[str], None]  # called with the key before every write or delete; raises to refuse it
 
 
 def check_key(key: str) -> str:
