@@ -104,7 +104,8 @@ def check_fits(lm: LayerwiseModel, cfg: RunConfig, where: Placement) -> None:
     """Refuse, before any work, a run whose smallest working set does not fit the device.
 
     The least a GPU must hold is two decoder blocks (one computing, the next arriving), the embeddings, the LM
-    head and one batch of hidden states and logits; everything else streams or spills.
+    head, one build batch's MLP intermediates and one scoring batch's logits (4 windows, as the teacher and the
+    fitness score them); everything else streams or spills.
 
     Raises:
         ConfigError: naming the settings to change.
@@ -114,10 +115,11 @@ def check_fits(lm: LayerwiseModel, cfg: RunConfig, where: Placement) -> None:
     skeleton = lm.skeleton
     block = weight_bytes(skeleton.model.layers[0])
     ends = weight_bytes(skeleton.model.embed_tokens) + weight_bytes(skeleton.lm_head)
-    width = max(lm.geometry.hidden, lm.geometry.intermediate)
-    batch = max(cfg.prune.batch_size, 4) * cfg.calibration.seq_len
-    working = batch * (4 * width + 4 * lm.config.vocab_size) * 4
-    need = 2 * block + ends + working
+    element = torch.finfo(lm.dtype).bits // 8
+    seq_len = cfg.calibration.seq_len
+    intermediates = cfg.prune.batch_size * seq_len * lm.geometry.intermediate * element * 4  # gate, up, act, product
+    logits = 4 * seq_len * lm.config.vocab_size * (element + 4)  # the logits, and one window's fp32 copy at most
+    need = 2 * block + ends + intermediates + logits
     if need > where.budget_bytes:
         raise ConfigError(
             f"this model needs at least {need / 2**30:.1f} GiB of device memory (two decoder blocks, embeddings, "
