@@ -7,11 +7,13 @@ Retry of the same flow run shows finished tasks as ``Cached``.
 
 from __future__ import annotations
 
+from prefect.serializers import JSONSerializer
+
 from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentialsError, StoreError, TyrError
 from tyr_core.grid import Sublayer
 from tyr_runtime.workspace import cache_scope
 
-CODE_VERSION = "1"  # bump when a task's output for the same key changes meaning
+CODE_VERSION = "2"  # 2: JSON results (1 pickled them). Bump when a task's output for the same key changes meaning
 
 
 def _transient(_task, _task_run, state) -> bool:
@@ -24,7 +26,19 @@ def _transient(_task, _task_run, state) -> bool:
     return not isinstance(error, TyrError) or (isinstance(error, StoreError) and not isinstance(error, permanent))
 
 
-IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient)
+# Task results are persisted as plain JSON (the tasks return small dicts and lists), never as pickles: result storage
+# can sit in a bucket beside the artefacts, and a pickle read back from it at the next Retry would run its code. No
+# object decoder: a result read back never names a class to import.
+RESULT_SERIALIZER = JSONSerializer(object_decoder=None)
+JSON_RESULTS = dict(result_serializer=RESULT_SERIALIZER)
+
+IO_RETRIES = dict(
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_transient,
+    **JSON_RESULTS,
+)
 
 
 def artefact_cache_key(key_fn):
