@@ -19,6 +19,7 @@ from pydantic import Field
 from tasks.data import calibrate, teacher
 from tasks.evaluate import evaluate, evaluate_baselines, summarize
 from tasks.export import export
+from tasks.policies import RESULT_SERIALIZER
 from tasks.reports import flush_artifacts, start_progress, update_progress
 from tasks.search import recentre_interval, search_generation
 from tasks.supernet import accumulate, garbage_collect, layer_stats, local_prune, plan, supernet_index
@@ -30,8 +31,16 @@ from tyr_runtime.workspace import RunRef
 
 from .recipes import resolve_config
 
+# URLs in flow parameters are kept in Prefect's database and shown in its UI: credentials in them (user info, before
+# an '@') are refused when the run is created; they come from the AWS chain or a credentials block.
+NO_CREDENTIALS = r"^[^@]*$"
 
-@flow(name="tyr-iteration", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES))
+
+@flow(
+    name="tyr-iteration",
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES),
+    result_serializer=RESULT_SERIALIZER,  # JSON, never pickles: for its tasks without a policy of their own too
+)
 def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: bool = False) -> dict:
     """One iteration: supernet around the current centres, then the sparsity-shift search."""
     grid = plan(ref, iteration)
@@ -75,7 +84,7 @@ def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
     return supernet_index(ref, iteration, entries)
 
 
-@flow(name="tyr", log_prints=False)
+@flow(name="tyr", log_prints=False, result_serializer=RESULT_SERIALIZER)
 def tyr(
     model: str | None = None,
     recipe: str | None = None,
@@ -85,8 +94,8 @@ def tyr(
     generations: Annotated[int | None, Field(ge=0)] = None,
     offspring: Annotated[int | None, Field(ge=1)] = None,
     run_id: str | None = None,
-    store_url: str | None = None,
-    endpoint_url: str | None = None,
+    store_url: Annotated[str | None, Field(pattern=NO_CREDENTIALS)] = None,
+    endpoint_url: Annotated[str | None, Field(pattern=NO_CREDENTIALS)] = None,
     overrides: list[str] | None = None,
 ) -> dict:
     """Prune ``model`` (a hub name, local folder, GGUF file or alias) to ``target_sparsity`` with ``recipe``'s

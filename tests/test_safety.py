@@ -87,3 +87,69 @@ def test_a_second_prune_of_a_live_run_is_refused_and_changes_nothing(tmp_path, c
     finally:
         holder.kill()
         holder.wait()
+
+
+# ------------------------------------------------------------------------------ settings and URLs from the API
+
+
+def test_settings_that_run_code_are_refused_in_a_deployment_run_unless_the_deployment_allows_them(
+    tmp_path, monkeypatch
+):
+    from flows.recipes import resolve_config
+    from tyr_core.errors import ConfigError
+    from tyr_runtime import safety
+    from tyr_runtime.runs import open_run
+
+    config = resolve_config("tiny-test", overrides=["model.trust_remote_code=true"])
+    monkeypatch.delenv(safety.ALLOW_ENV, raising=False)
+    safety.refuse_dangerous_settings(config)  # the user's own run (tyr prune, a script): their choice
+    monkeypatch.setattr(safety, "_deployment_id", lambda: "dep-1")
+    with pytest.raises(ConfigError, match=r"model\.trust_remote_code=true .* refused in a run of deployment dep-1"):
+        open_run(config, "r", f"file://{tmp_path}", None)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    safety.refuse_dangerous_settings(resolve_config("tiny-test"))  # the default is fine anywhere
+    monkeypatch.setenv(safety.ALLOW_ENV, "1")  # the deployment's own opt-in
+    safety.refuse_dangerous_settings(config)
+
+
+SECRET = "planted/SECRET+key/0123456789abcdef"
+
+
+def test_credentials_in_urls_are_refused_as_flow_parameters_and_never_echoed():
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.tyr import tyr
+    from tyr_core.errors import ConfigError
+    from tyr_core.redaction import redact, without_userinfo
+    from tyr_runtime.storage import open_store
+
+    with_secret = f"http://AKIA:{SECRET}@127.0.0.1:9000"
+    for params in ({"endpoint_url": with_secret}, {"store_url": f"s3://AKIA:{SECRET}@bucket/p"}):
+        with pytest.raises(ParameterTypeError):
+            tyr.validate_parameters({"preset": "tiny-test", **params})
+    for call in (lambda: open_store("s3://bucket/p", with_secret), lambda: open_store(f"s3://AKIA:{SECRET}@b/p")):
+        with pytest.raises(ConfigError) as refused:
+            call()
+        assert SECRET not in str(refused.value) and "planted" not in str(refused.value) and "***" in str(refused.value)
+    assert (
+        redact(f"failed: {with_secret}/x and s3://k:{SECRET}@b") == "failed: http://***@127.0.0.1:9000/x and s3://***@b"
+    )
+    assert without_userinfo(with_secret) == "http://127.0.0.1:9000"
+
+
+def test_a_bucket_name_error_names_the_rule():
+    from tyr_core.errors import ConfigError
+    from tyr_runtime.s3 import S3Store
+
+    for bad in ("b", "UPPER", "under_score", "x" * 64, "-dash"):
+        with pytest.raises(ConfigError, match="3-63 characters, lowercase letters, digits, '.' and '-'"):
+            S3Store(bad, endpoint_url="http://127.0.0.1:1", access_key="a", secret_key="b")
+    S3Store("abc", endpoint_url="http://127.0.0.1:1", access_key="a", secret_key="b")
+
+
+def test_the_compose_file_ships_no_default_secret():
+    text = (REPO / "docker" / "compose.yaml").read_text()
+    secrets_ = re.findall(r"\$\{(\w*(?:PASSWORD|SECRET|ACCESS_KEY|TOKEN)\w*)(:?[-?])([^}]*)\}", text)
+    assert {name for name, _, _ in secrets_} >= {"TYR_DB_PASSWORD", "TYR_S3_ACCESS_KEY", "TYR_S3_SECRET_KEY"}
+    for name, op, default in secrets_:
+        assert op == ":?" or default == "", f"{name} has the default {default!r}"  # required, or empty at most

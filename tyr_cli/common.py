@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tyr_core.errors import TyrError
+from tyr_core.redaction import redact, without_userinfo  # noqa: F401 - the CLI's one redaction
 
 err_console = Console(stderr=True, soft_wrap=True)  # progress, notes and errors: never wrapped mid-line
 
@@ -47,15 +47,6 @@ def one_line(message: str) -> str:
     return "; ".join(lines)
 
 
-# Anything between '://' and an '@' (secret keys may hold '/'): better a redacted key name than a printed secret.
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@\s'\"]+@")
-
-
-def redact(text: str) -> str:
-    """Credentials typed into a URL (``s3://key:secret@bucket``) never reach the terminal or a log."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
-
-
 def report_error(err: BaseException, debug: bool, prefix: str = "error") -> None:
     if debug:
         err_console.print(escape(redact("".join(traceback.format_exception(err)))), highlight=False)
@@ -80,19 +71,6 @@ def _set_env(name: str, value: str | None) -> None:
         os.environ.pop(name, None)
     else:
         os.environ[name] = value
-
-
-def without_userinfo(url: str | None) -> str | None:
-    """An endpoint URL safe to print (``http://user:secret@host`` loses its user info)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
-    return urlunsplit(parts._replace(netloc=host))
 
 
 def print_json(obj: Any) -> None:

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from boto3.exceptions import Boto3Error, RetriesExceededError, S3UploadFailedError
@@ -42,6 +41,7 @@ from tyr_core.errors import (
     StoreError,
     StoreUnreachableError,
 )
+from tyr_core.redaction import without_userinfo
 from tyr_core.store import TEMP_PREFIX, check_key, check_prefix
 from tyr_core.store.protocol import WriteGuard
 
@@ -134,7 +134,7 @@ class S3Store:
     @property
     def endpoint(self) -> str:
         """The endpoint this client talks to, without any user info: safe to log."""
-        return _without_userinfo(self.endpoint_url or self.client.meta.endpoint_url)
+        return without_userinfo(self.endpoint_url or self.client.meta.endpoint_url) or ""
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
@@ -449,11 +449,3 @@ def _underlying(err: BaseException) -> BaseException:
         if isinstance(inner, ClientError | BotoCoreError | Boto3Error):
             return _underlying(inner)
     return err
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 from tyr_core import keys
 from tyr_core.errors import ConfigError, StoreError
+from tyr_core.redaction import has_userinfo, redact
 from tyr_core.store import FileStore, Store
 
 from .lock import write_guard
@@ -33,29 +34,37 @@ def open_store(url: str, endpoint_url: str | None = None, **options: Any) -> Sto
     """
     if not url or not url.strip():
         raise ConfigError(f"the store URL is empty; use {SCHEMES}")
+    if has_userinfo(endpoint_url):
+        raise ConfigError(
+            f"the S3 endpoint URL {redact(str(endpoint_url))!r} holds credentials; give them through the AWS chain "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role) or a credentials block, never in "
+            "a URL (URLs are logged and kept as flow parameters)"
+        )
     if url.startswith("s3://"):
         return _open_s3(url, endpoint_url, options)
     if url.startswith("file:"):
         return FileStore(_file_url_path(url))
     if _URL_SCHEME.match(url):
-        raise ConfigError(f"store URL {url!r} has an unsupported scheme; use {SCHEMES}")
+        raise ConfigError(f"store URL {redact(url)!r} has an unsupported scheme; use {SCHEMES}")
     return FileStore(url)
 
 
 def _open_s3(url: str, endpoint_url: str | None, options: dict[str, Any]) -> S3Store:
     parts = urlsplit(url)
-    if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
-        raise ConfigError(f"store URL {url!r} is not s3://BUCKET/PREFIX (no credentials, query or fragment in it)")
+    if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc or has_userinfo(url):
+        raise ConfigError(
+            f"store URL {redact(url)!r} is not s3://BUCKET/PREFIX (no credentials, query or fragment in it)"
+        )
     try:
         return S3Store(parts.netloc, unquote(parts.path), endpoint_url=endpoint_url, **options)
     except StoreError as err:  # an invalid prefix
-        raise ConfigError(f"store URL {url!r}: {err}") from None
+        raise ConfigError(f"store URL {redact(url)!r}: {err}") from None
 
 
 def _file_url_path(url: str) -> str:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
-        raise ConfigError(f"store URL {url!r} is not file:///ABSOLUTE/PATH (a plain path works too)")
+        raise ConfigError(f"store URL {redact(url)!r} is not file:///ABSOLUTE/PATH (a plain path works too)")
     return unquote(parts.path)
 
 
