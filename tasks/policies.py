@@ -7,8 +7,11 @@ Retry of the same flow run shows finished tasks as ``Cached``.
 
 from __future__ import annotations
 
+import uuid
+
 from prefect.serializers import JSONSerializer
 
+from tyr_core import keys
 from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentialsError, StoreError, TyrError
 from tyr_core.grid import Sublayer
 from tyr_runtime.workspace import cache_scope
@@ -45,10 +48,33 @@ def artefact_cache_key(key_fn):
     """Cache key = run (id, store, incarnation) + artefact key: stable across Retry of the same flow run and across
     new flow runs of the run, never shared with another store's run of that id or a deleted run's."""
 
-    def cache_key(_context, params) -> str:
-        return f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{key_fn(params)}".replace("/", "_")
+    def cache_key(context, params) -> str:
+        key = key_fn(params)
+        base = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{key}".replace("/", "_")
+        if is_committed_all(params["ref"], key) or not _has_result(context, base):
+            return base  # committed (Retry: Cached), or never computed (its result is stored under this key)
+        # a result is cached but the artefact is gone (deleted, e.g. after it was found corrupt): compute it again
+        return f"{base}-redo-{uuid.uuid4().hex}"
 
     return cache_key
+
+
+def _has_result(context, key: str) -> bool:
+    store = getattr(context, "result_store", None)
+    try:
+        return bool(store is not None and store.exists(key))
+    except Exception:  # an unreadable result storage: computing again is the safe answer
+        return True
+
+
+def is_committed_all(ref, key: str) -> bool:
+    """Whether every artefact a task's cache key names is committed: ``key`` is an artefact key, several joined by
+    '+', or an export prefix (its file list commits it)."""
+    from tyr_core.store import is_committed
+    from tyr_runtime.workspace import workspace
+
+    store = workspace(ref).store
+    return all(is_committed(store, p + keys.EXPORT_MARKER if p.endswith("/") else p) for p in key.split("+"))
 
 
 def plan_sublayers(plan: dict) -> list[Sublayer]:

@@ -644,3 +644,17 @@ def test_an_embedded_seaweed_never_outlives_a_killed_owner_unnoticed(tmp_path, m
         commit_bytes(server.open_store("r"), "y.json", b"{}", "cfg")
         assert read_verified(server.open_store("r"), "y.json") == b"{}"
     assert _wait_gone(weed_pid, timeout=1)
+
+
+def test_gc_of_one_run_leaves_a_sibling_whose_id_it_prefixes(s3):
+    """``runs/r1`` and ``runs/r10`` share a string prefix on S3: GC of r1 lists ``runs/r1/``, never ``runs/r1``."""
+    r1, r10 = s3.scoped("runs/r1"), s3.scoped("runs/r10")
+    for run in (r1, r10):
+        for it in (1, 2):
+            commit_bytes(run, keys.copy_key(it, 0, "attn", 0), b"copy", "cfg")
+            commit_bytes(run, keys.stats_key(it, 0), b"stats", "cfg")
+    commit_bytes(r1, keys.result_key(2), b"{}", "cfg")
+    sibling = r10.list("")
+    assert collect_garbage(r1, 2).iterations == (1,)
+    assert r1.list(keys.supernet_prefix(1)) == [] and r1.list(keys.stats_prefix(1)) == []
+    assert r10.list("") == sibling and read_verified(r10, keys.copy_key(1, 0, "attn", 0)) == b"copy"

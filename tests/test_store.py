@@ -288,7 +288,9 @@ def test_json_helpers_commit_canonical_json(tmp_path):
     store = FileStore(tmp_path)
     commit_json(store, "plan.json", {"b": 1, "a": [1, 2]}, "cfg")
     assert read_json(store, "plan.json") == {"a": [1, 2], "b": 1}
-    commit_json(store, "plan.json", {"a": [1, 2], "b": 1}, "cfg")  # same object, other key order: same bytes
+    first = read_manifest(store, "plan.json")
+    again = commit_json(store, "plan.json", {"a": [1, 2], "b": 1}, "cfg")  # same object, other key order: same bytes
+    assert again == first and read_json(store, "plan.json") == {"a": [1, 2], "b": 1}
 
 
 def test_corruption_is_detected_and_named(tmp_path):
