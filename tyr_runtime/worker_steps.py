@@ -1,0 +1,101 @@
+"""What a worker computes for the supernet build and the search, in whichever process holds the run's workspace:
+the flow's own (``execution.engine=local``) or a Ray actor's (``execution.engine=ray``, ``ray_engine.py``).
+
+Every function takes the run's ``RunRef`` and plain values and returns plain values. The build steps commit their
+copies conditionally, so a step that runs twice (a retried task, a restarted actor) commits nothing twice. The
+search's unit, ``search_terms``, commits nothing: the driver adds its (KL sum, tokens) up in window order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tyr_core import keys
+from tyr_core.fitness import TeacherTopK, make_kl_evaluator
+from tyr_core.grid import Sublayer
+from tyr_core.store import commit_bytes, is_committed, read_json, read_manifest
+from tyr_core.supernet import copy_bytes, index_entry
+
+from .workspace import RunRef, Workspace, workspace
+
+COMMITTED_HERE: list[str] = []  # keys of the copies this process has computed and committed, in order
+
+
+def plan_sublayers(plan: dict) -> list[Sublayer]:
+    return [Sublayer(**s) for s in plan["sublayers"]]
+
+
+def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
+    """H of o_proj and down_proj for one layer, kept in this process for the layer's local prunes."""
+    ws = workspace(ref)
+    subs = plan_sublayers(ws.plan(iteration))
+    cursor = ws.cursor(iteration, subs)
+    cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+    return {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
+
+
+def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list[str]) -> list[dict]:
+    """One layer at one level: a compact copy of each sublayer in ``kinds``, each committed on its own (a copy
+    committed by an earlier attempt is returned from its manifest, not recomputed); their index entries."""
+    ws = workspace(ref)
+    subs = plan_sublayers(ws.plan(iteration))
+    entries = []
+    for kind in kinds:
+        key = keys.copy_key(iteration, layer, kind, level)
+        if is_committed(ws.store, key):  # committed by an attempt whose result was lost (killed right after)
+            manifest = read_manifest(ws.store, key)
+            entries.append({**manifest.meta, "sha256": manifest.sha256})
+            continue
+        cursor = ws.cursor(iteration, subs)
+        cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+        sub = next(s for s in subs if s.layer == layer and s.kind == kind)
+        copy = cursor.prune(sub, level)
+        data = copy_bytes(copy)
+        entry = index_entry(sub, level, copy, ws.model.geometry, key, "", len(data))
+        manifest = commit_bytes(ws.store, key, data, ws.config.artefact_hash(), meta=entry)  # or raises: other bytes
+        ws.keep_committed_copy(key, copy)  # for this layer's accumulate
+        COMMITTED_HERE.append(key)
+        entries.append({**entry, "sha256": manifest.sha256})
+    return entries
+
+
+def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
+    """Advance the calibration activations past ``layer`` with its expected weights (paper eq. 5)."""
+    ws = workspace(ref)
+    subs = plan_sublayers(ws.plan(iteration))
+    cursor = ws.cursor(iteration, subs)
+    cursor.seek(layer + 1, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+    return cursor.layer
+
+
+def end_build(ref: RunRef) -> None:
+    """The supernet index is committed: free the build's activations and held copies."""
+    workspace(ref).end_build()
+
+
+def teacher(ws: Workspace) -> TeacherTopK:
+    """The teacher's top-k, fetched into this process's cache."""
+    index = read_json(ws.store, keys.teacher_index_key())
+    for shard in index["shards"]:
+        ws.fetch(keys.teacher_file_key(shard))
+    ws.fetch(keys.teacher_index_key())
+    return TeacherTopK(ws.cache / "teacher")
+
+
+def search_evaluator(ref: RunRef, iteration: int, reference: list[int]):
+    """This process's ``KLEvaluator`` over the iteration's search model, its prefix shared with ``reference``."""
+    ws = workspace(ref)
+    sm, forward = ws.search_model(iteration)
+    teacher_ = teacher(ws)
+    windows = ws.search_windows()[: teacher_.index["windows"]]
+    forward.set_reference(list(reference))  # candidates share the reference's (the parent's) unchanged layers
+    return make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)
+
+
+def search_terms(
+    ref: RunRef, iteration: int, reference: list[int], groups: Sequence[tuple[list[int], Sequence[list[int]]]]
+) -> list[list[tuple[float, int]]]:
+    """(KL sum, tokens) of candidates on whole evaluation batches: ``groups`` is ``[(batch, candidates), ...]``;
+    the answer has one list per group, one term per candidate, as ``KLEvaluator.batch_terms`` computes them."""
+    evaluate = search_evaluator(ref, iteration, reference)
+    return [evaluate.batch_terms([list(c) for c in candidates], list(batch)) for batch, candidates in groups]
