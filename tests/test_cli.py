@@ -307,7 +307,10 @@ def test_prefect_yaml_declares_the_four_deployments():
 def test_compose_runs_prefect_on_postgres_seaweedfs_and_a_worker():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"db", "prefect", "s3", "worker"}
+    assert set(services) == {"db", "prefect", "s3", "worker", "ray-head", "ray-worker"}
+    for name in ("ray-head", "ray-worker"):  # the Ray nodes start only with --profile ray, with no default token
+        assert services[name]["profiles"] == ["ray"]
+        assert services[name]["environment"]["RAY_AUTH_TOKEN"] == "${TYR_RAY_AUTH_TOKEN:-}"
     server_env = services["prefect"]["environment"]
     assert server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://prefect:")
     assert server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].endswith("@db:5432/prefect")
