@@ -163,7 +163,7 @@ class S3Store:
         if isinstance(cause, NoCredentialsError | PartialCredentialsError):
             return StoreCredentialsError(
                 f"no usable S3 credentials to {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an AWS "
-                "profile, or a credentials block (an anonymous server accepts any non-empty pair)"
+                "profile, or a credentials block (the embedded server's pair: s3-credentials.json in its data folder)"
             )
         if isinstance(cause, BotoConnectionError):
             return StoreUnreachableError(
