@@ -292,10 +292,11 @@ def test_prefect_yaml_declares_the_four_deployments():
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert set(deployments) == {"llama70b", "llama8b", "smollm2-demo", "tiny-test"}
     for d in deployments.values():
-        assert set(d["parameters"]) == {"model", "recipe", "target_sparsity"}
+        assert set(d["parameters"]) - {"overrides"} == {"model", "recipe", "target_sparsity"}
         assert d["entrypoint"] == "flows/tyr.py:tyr" and (REPO / "flows" / "tyr.py").is_file()
         assert d["work_pool"]["name"] == "tyr-process" and d["concurrency_limit"] == 1
         assert d["work_pool"]["job_variables"]["env"]["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
+    assert "execution.engine=ray" in deployments["llama70b"]["parameters"]["overrides"]  # docs/scale-out.md
     for name in ("llama70b", "llama8b"):
         assert deployments[name]["schedules"] and not any(s["active"] for s in deployments[name]["schedules"])
         env = deployments[name]["work_pool"]["job_variables"]["env"]
