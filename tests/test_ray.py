@@ -65,8 +65,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_cli(*args: str, env: dict) -> None:
-    subprocess.run([str(BIN / "ray"), *args], env=env, check=True, capture_output=True, timeout=180)
+def _ray_cli(*args: str, env: dict, attempts: int = 3) -> None:
+    """``ray start ...``, tried again when a node times out during startup (its agents start slowly on a busy host)."""
+    for attempt in range(attempts):
+        done = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return
+        if attempt == attempts - 1 or "timed out during startup" not in done.stderr + done.stdout:
+            raise AssertionError(f"ray {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +81,8 @@ def cluster(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ.pop("PREFECT_API_URL", None)
-    # a raylet waits for its agents' port files, 30 s by default: not enough on a busy 2-core host
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "300000"}
+    # a raylet waits 30 s for its agents' port files by default: not always enough on a busy 2-core host
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "300"}
     port = _free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats"]
     try:
