@@ -67,7 +67,7 @@ class PruneConfig(_Strict):
         "pruned", description="fit the dense weight on pruned inputs (reference) or the dense model's outputs"
     )
     first_order: float = Field(
-        1.0,
+        0.0,
         ge=0.0,
         description="weight of the signed first-order term in the group saliency: 1 the reference, 0 pure OBS",
     )
