@@ -260,6 +260,7 @@ def connect(execution: ExecutionConfig) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         return
     ray.init(
+        address="local",  # a new cluster, never one another process started on this host
         namespace=NAMESPACE,
         num_cpus=execution.replicas,
         _node_ip_address="127.0.0.1",
