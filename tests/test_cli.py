@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -468,52 +467,20 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_prefect_deploy_all_and_parameters_validated_at_run_creation(tmp_path):
+def test_prefect_deploy_all_and_parameters_validated_at_run_creation(prefect_server):
     import httpx
 
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    prefect = [sys.executable, "-m", "prefect"]
-    server = subprocess.Popen(
-        [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    api = prefect_server.api_url
+    deployed = prefect_server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    found = httpx.post(f"{api}/deployments/filter", json={}).json()
+    assert sorted(d["name"] for d in found) == ["llama70b", "llama8b", "smollm2-demo", "tiny-test"]
+    assert all(not s["active"] for d in found if d["name"].startswith("llama") for s in d["schedules"])
+    llama70b = next(d["parameters"] for d in found if d["name"] == "llama70b")
+    assert llama70b["model"] == "meta-llama/Llama-3.1-70B" and llama70b["target_sparsity"] == 0.5
 
-        def cli(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([*prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-        assert cli("work-pool", "create", "tyr-process", "--type", "process").returncode == 0
-        deployed = cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        found = httpx.post(f"{api}/deployments/filter", json={}).json()
-        assert sorted(d["name"] for d in found) == ["llama70b", "llama8b", "smollm2-demo", "tiny-test"]
-        assert all(not s["active"] for d in found if d["name"].startswith("llama") for s in d["schedules"])
-
-        refused = cli("deployment", "run", "tyr/tiny-test", "-p", "target_sparsity=1.5")
-        text = " ".join((refused.stdout + refused.stderr).split())
-        assert refused.returncode != 0 and "Validation failed for field 'target_sparsity'" in text
-        assert httpx.post(f"{api}/flow_runs/filter", json={}).json() == []  # no run was created
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    runs_before = len(httpx.post(f"{api}/flow_runs/filter", json={}).json())
+    refused = prefect_server.cli("deployment", "run", "tyr/tiny-test", "-p", "target_sparsity=1.5", timeout=300)
+    text = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode != 0 and "Validation failed for field 'target_sparsity'" in text
+    assert len(httpx.post(f"{api}/flow_runs/filter", json={}).json()) == runs_before  # no run was created

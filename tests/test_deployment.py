@@ -1,5 +1,5 @@
-"""End to end on real parts (loopback only): a real ``prefect server``, ``prefect deploy --all`` from
-deployments/prefect.yaml, a process worker, and the tiny preset. The worker is killed during the supernet build
+"""End to end on real parts (loopback only): a real ``prefect server`` (the shared one), ``prefect deploy --all`` from
+deployments/prefect.yaml, a process worker, and the tiny-test deployment. The worker is killed during the supernet build
 and again during the search; the first run is retried by pressing Retry in the real UI served by that server
 (headless Debian Chromium driven by Playwright); the second is resumed by a new flow run with the same
 run id. Both finish with the uninterrupted run's result, nothing
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,59 +21,28 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/install); Playwright never downloads a browser
-# more copies and generations than the preset, so that the kills land inside the phase they target
+# more copies and generations than the tiny-test recipe, so that the kills land inside the phase they target
 OVERRIDES = ["prune.num_levels=9", "prune.interval=0.125", "calibration.num_windows=32", "search.generations=6"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def prefect(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect")
+def prefect(prefect_server, tmp_path_factory):
+    """The shared server with the deployments of deployments/prefect.yaml, and the environment of this test's workers:
+    a file store of their own."""
     store = tmp_path_factory.mktemp("store")
-    port = _free_port()
     env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        **prefect_server.env,
         "TYR_REPO_DIR": str(REPO),
         "TYR_STORE_URL": f"file://{store}",
         "TYR_S3_ENDPOINT_URL": "",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
-    for _ in range(120):
-        try:
-            if api.get("/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    cli = [sys.executable, "-m", "prefect"]
-    subprocess.run(
-        [*cli, "work-pool", "create", "tyr-process", "--type", "process"], env=env, check=True, capture_output=True
-    )
-    subprocess.run(
-        [*cli, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-        env=env,
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-    yield {"env": env, "api": api, "store": store, "cli": cli}
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    deploy = ("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    deployed = prefect_server.cli(*deploy, env=env)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    api = httpx.Client(base_url=prefect_server.api_url, timeout=30)
+    yield {"env": env, "api": api, "store": store, "cli": [sys.executable, "-m", "prefect"]}
+    api.close()
 
 
 def _worker(prefect) -> subprocess.Popen:

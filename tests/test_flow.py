@@ -1,26 +1,21 @@
-"""The ``tyr`` flow end to end on the tiny preset, in-process under a Prefect test harness, with a file store:
-it completes, a second run of the same run id recomputes nothing, and a config change is refused."""
+"""The ``tyr`` flow end to end on the tiny-test shorthand, in-process against the shared Prefect server, with a file
+store: it completes, a second run of the same run id recomputes nothing, and a config change is refused."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 
 import pytest
+from conftest import in_process_client
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ.pop("PREFECT_API_URL", None)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
+def harness(prefect_server):
+    with in_process_client(prefect_server):
         yield
 
 
