@@ -232,7 +232,13 @@ def serve(c: Chaos, env: dict) -> tuple[subprocess.Popen, dict]:
 def served_store(store_env: dict):
     from tyr_runtime.storage import run_store
 
-    return run_store(store_env["TYR_STORE_URL"], RUN, endpoint_url=store_env["TYR_S3_ENDPOINT_URL"])
+    return run_store(
+        store_env["TYR_STORE_URL"],
+        RUN,
+        endpoint_url=store_env["TYR_S3_ENDPOINT_URL"],
+        access_key=store_env["AWS_ACCESS_KEY_ID"],
+        secret_key=store_env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def two_drivers(c: Chaos, reference: dict) -> dict:
