@@ -387,7 +387,10 @@ def test_a_run_that_fails_exits_1_with_one_line_and_releases_its_lock(tmp_path, 
     assert code == 1 and out == ""
     assert "error: calibration data" in err and "no non-empty text documents" in err and "Traceback" not in err
     assert "the same command resumes run f1" in err
-    assert (store / "runs" / "f1" / keys.RUN_CONFIG).is_file() and not (store / "runs" / "f1" / keys.LOCK_KEY).exists()
+    from tyr_core.store import FileStore, is_committed
+
+    run = FileStore(store / "runs" / "f1")
+    assert is_committed(run, keys.RUN_CONFIG) and not run.exists(keys.LOCK_KEY)
 
 
 @pytest.fixture
