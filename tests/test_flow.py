@@ -3,7 +3,6 @@ store: it completes, a second run of the same run id recomputes nothing, and a c
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 
@@ -36,8 +35,14 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     assert torch.get_num_threads() == 1  # the preset's torch_threads, applied by the run to its process
     torch.set_num_threads(threads)
     assert RunRef(run_id="t1", store_url=url) not in _WORKSPACES  # the ended run's models and caches were released
+    from safetensors.torch import load
+
+    from tyr_core import keys
+    from tyr_core.store import FileStore, is_committed, read_json, read_verified
+
     run_dir = tmp_path / "runs" / "t1"
-    result = json.loads((run_dir / "iter-2" / "result.json").read_text())
+    run = FileStore(run_dir)
+    result = read_json(run, keys.result_key(2))
     assert set(result["sparsities"]) and out["report"]["tyr_ppl"] > 0
     # the budget is exact: mean attention and MLP sparsity equal the target
     attn = [v for k, v in result["sparsities"].items() if k.endswith("self_attn")]
@@ -45,12 +50,10 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     assert sum(attn) / len(attn) == pytest.approx(0.5) and sum(mlp) / len(mlp) == pytest.approx(0.5)
     # the final model is the iteration whose winner scored best on the validation windows; GC kept its supernet
     # and the last one's, nothing else
-    fitness = {
-        it: json.loads((run_dir / f"iter-{it}" / "result.json").read_text())["validation_fitness"] for it in (1, 2)
-    }
+    fitness = {it: read_json(run, keys.result_key(it))["validation_fitness"] for it in (1, 2)}
     best = 1 if fitness[1] < fitness[2] else 2
     assert out["report"]["iteration"] == best
-    kept = {it for it in (1, 2) if any((run_dir / f"iter-{it}" / "supernet").rglob("*.safetensors"))}
+    kept = {it for it in (1, 2) if any(k.endswith(".manifest.json") for k in run.list(keys.supernet_prefix(it)))}
     assert kept == {best, 2}
 
     _check_artifacts("t1", out["report"]["tyr_ppl"])
@@ -58,9 +61,8 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
     from tasks.supernet import local_prune
-    from tyr_core import keys
 
-    index = json.loads((run_dir / keys.supernet_index_key(2)).read_text())
+    index = read_json(run, keys.supernet_index_key(2))
     entry = index["copies"][-1]
     ref = RunRef(run_id="t1", store_url=url)
     assert local_prune.fn(ref, 2, entry["layer"], entry["level"], [entry["kind"]]) == [entry]
@@ -81,21 +83,22 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     # The device is a run setting too: device=cpu gives the default run's artefacts on a machine without a GPU.
     settings = ["concurrent_prunes=2", "device=cpu"]
     elsewhere = tyr(preset="tiny-test", run_id="t1", store_url=f"file://{other}", overrides=settings)
-    assert (other / "runs" / "t1" / "iter-1" / "plan.json").is_file() and elsewhere["result"] == out["result"]
+    assert is_committed(FileStore(other / "runs" / "t1"), keys.plan_key(1)) and elsewhere["result"] == out["result"]
 
     # a validation split: the search scores windows that no copy was refitted on
     held = tmp_path / "held"
     tyr(preset="tiny-test", run_id="v1", store_url=f"file://{held}", overrides=["calibration.validation_windows=4"])
-    from safetensors.torch import load_file
-
-    calib = load_file(held / "runs" / "v1" / keys.calibration_key())["windows"]
-    validation = load_file(held / "runs" / "v1" / keys.calibration_key("validation"))["windows"]
-    assert validation.shape == (4, 64) and torch.equal(calib, load_file(run_dir / keys.calibration_key())["windows"])
+    v1 = FileStore(held / "runs" / "v1")
+    calib = load(read_verified(v1, keys.calibration_key()))["windows"]
+    validation = load(read_verified(v1, keys.calibration_key("validation")))["windows"]
+    assert validation.shape == (4, 64) and torch.equal(
+        calib, load(read_verified(run, keys.calibration_key()))["windows"]
+    )
     assert not any(torch.equal(v, c) for v in validation for c in calib)
-    assert json.loads((held / "runs" / "v1" / keys.teacher_index_key()).read_text())["windows"] == 4
+    assert read_json(v1, keys.teacher_index_key())["windows"] == 4
     shutil.rmtree(run_dir)
     redone = tyr(preset="tiny-test", run_id="t1", store_url=url)
-    assert (run_dir / "iter-2" / "result.json").is_file() and redone["result"] == out["result"]
+    assert is_committed(run, keys.result_key(2)) and redone["result"] == out["result"]
 
 
 def _check_heartbeats() -> None:
