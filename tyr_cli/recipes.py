@@ -56,7 +56,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    for name in ("recipes", "presets"):  # presets: the name of this list before recipes replaced presets
-        add_command(sub, name, cmd_recipes, "list the recipes, what each costs, and the shorthands").add_argument(
+    helps = {
+        "recipes": "list the recipes, what each costs, and the shorthands",
+        "presets": "another name for recipes (the presets it replaced are shorthands now)",
+    }
+    for name, help_ in helps.items():
+        add_command(sub, name, cmd_recipes, help_).add_argument(
             "--json", action="store_true", help="one JSON document on stdout"
         )
