@@ -10,6 +10,7 @@ validation split of 64 windows for the search, 2 iterations x 8 generations x 16
 
     python bench/quality.py --sparsity 0.5 0.25 [--set prune.first_order=0] [--validation-windows 0]
 """
+
 from __future__ import annotations
 
 import argparse
