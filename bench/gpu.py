@@ -158,6 +158,11 @@ def scoring(forward: PrefixForward, device, windows: torch.Tensor, k: int, batch
     return windows.shape[0] * (windows.shape[1] - 1) / best
 
 
+def progress(out: dict) -> None:
+    """The figures so far, on stderr: a run stopped by a time limit still leaves what it measured."""
+    print(json.dumps(out), file=sys.stderr, flush=True)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20)
@@ -181,13 +186,11 @@ def main() -> None:
     out["torch"] = torch.__version__
     peak = matmul_peak(device, 1024 if quick else 8192, 3 if quick else 10)
     out["matmul_peak_tflops"] = round(peak / 1e12, 3)
+    progress(out)
 
     model = build_model(cfg, device)
     params = sum(p.numel() for p in model.parameters())
     out["params"] = params
-    out["supernet_layer"] = supernet_layer(model, device, 8 if quick else 64, seq_len, 4 if quick else 8)
-    model = build_model(cfg, device)  # fresh weights: the build above rewrote layer 0
-
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, cfg["vocab_size"], (8 if quick else 32, seq_len), generator=g)
     k, batch, repeats = (256 if quick else 8192), (4 if quick else 8), (1 if quick else 3)
@@ -198,6 +201,7 @@ def main() -> None:
         "roofline_fraction": round(resident / roofline, 3),
         "paper_generation_s": round(PAPER_GENERATION_TOKENS / resident, 1),
     }
+    progress(out)
     host = model.to("cpu")  # the streamed model keeps its weights in host memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -210,6 +214,11 @@ def main() -> None:
         "weights_gb": round(weight_bytes(host) / 1e9, 2),
         "peak_device_mb_streamed": peak_memory_mb(device),
     }
+    progress(out)
+    del host, streamer, model
+
+    model = build_model(cfg, device)
+    out["supernet_layer"] = supernet_layer(model, device, 8 if quick else 64, seq_len, 4 if quick else 8)
     out["peak_memory_mb"] = peak_memory_mb(device)
     print(json.dumps(out), flush=True)
 
