@@ -7,12 +7,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import CalibrationError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,9 @@ def load_documents(*args: Any, **kwargs: Any) -> list[str]:
     return list(iter_documents(*args, **kwargs))
 
 
-def tokenize(tokenizer, docs: Iterable[str], batch_chars: int = 1 << 20) -> Iterator[list[int]]:
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, docs: Iterable[str], batch_chars: int = 1 << 20
+) -> Iterator[list[int]]:
     """Token ids of each document, with no special tokens (no BOS: docs/algorithm.md).
 
     Documents go to the tokenizer in batches of about ``batch_chars`` characters: a fast tokenizer encodes a batch
@@ -120,7 +125,9 @@ def reference_chunks(token_docs: Iterable[list[int]], seq_len: int, num_tokens: 
     return out
 
 
-def packed_windows(token_docs: Iterable[list[int]], seq_len: int, num_windows: int, seed: int, sep: int | None):
+def packed_windows(
+    token_docs: Iterable[list[int]], seq_len: int, num_windows: int, seed: int, sep: int | None
+) -> torch.Tensor:
     """Documents joined (``sep`` between them), cut into non-overlapping ``seq_len`` windows, seeded shuffle,
     first ``num_windows``. Returns ``(num_windows, seq_len)`` token ids (fewer if the text is short)."""
     stream: list[int] = []
@@ -134,7 +141,7 @@ def packed_windows(token_docs: Iterable[list[int]], seq_len: int, num_windows: i
     return windows[torch.from_numpy(order)]
 
 
-def eval_windows(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
+def eval_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], seq_len: int) -> torch.Tensor:
     """Held-out evaluation windows: documents joined with a blank line, non-overlapping, remainder dropped."""
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     n = len(ids) // seq_len

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,11 @@ from torch import nn
 
 from .errors import CalibrationError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def text_windows(tokenizer, texts: list[str], seq_len: int) -> torch.LongTensor:
+
+def text_windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> torch.LongTensor:
     """Non-overlapping evaluation windows of ``seq_len`` tokens from ``texts``.
 
     Args:
@@ -165,7 +169,7 @@ def _task_manager(include_path: str | None):
 
 def lm_eval_tasks(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[str],
     num_fewshot: int | None = None,
     limit: int | float | None = None,

@@ -102,6 +102,6 @@ class PrefixForward:
         return self._pos
 
     @staticmethod
-    def _block(layer: nn.Module, h: torch.Tensor, pos) -> torch.Tensor:
+    def _block(layer: nn.Module, h: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         out = layer(h, attention_mask=None, position_embeddings=pos)
         return out[0] if isinstance(out, tuple) else out

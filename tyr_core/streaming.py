@@ -57,7 +57,7 @@ class BlockStreamer:
         for name, t in (dict(layer.named_parameters()) | dict(layer.named_buffers())).items():
             t.data = tensors[name]
 
-    def run(self, j: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    def run(self, j: int, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Block ``j`` on ``hidden`` (already on the device), prefetching block ``j + 1`` meanwhile."""
         layer = self.layers[j]
         if self.moves:

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from tyr_core import keys
 from tyr_core.errors import LockLostError, MissingArtefactError, RunLockedError, StoreError
@@ -237,7 +238,7 @@ def held_lock(url: str) -> RunLock | None:
     return _HELD.get(url)
 
 
-def write_guard(url: str):
+def write_guard(url: str) -> Callable[[str], None]:
     """The guard ``run_store`` installs on a run's store: refuses writes once this process has lost the run's lock."""
 
     def guard(key: str) -> None:

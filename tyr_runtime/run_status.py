@@ -160,7 +160,9 @@ def saved_config(store: Store, run_id: str) -> dict:
     return read_json(store, keys.RUN_CONFIG)
 
 
-def _details(store: Store, saved: dict, results: list[dict], present: set[str], complete: bool, holder) -> dict:
+def _details(
+    store: Store, saved: dict, results: list[dict], present: set[str], complete: bool, holder: dict | None
+) -> dict:
     iterations = saved["config"]["prune"]["iterations"]
     formats = [f for f in EXPORT_FORMATS if keys.manifest_key(keys.export_marker_key(f)) in present]
     report = read_json(store, keys.final_report_key(iterations)) if complete else None

@@ -13,15 +13,19 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ExportError
 from ..families import Geometry, geometry
-from ..sublayer_layout import PrunedLayout, kept_columns
+from ..sublayer_layout import PrunedLayout, PrunedSublayer, kept_columns
 from .configuration_tyr import TyrConfig
 from .modeling_tyr import TyrForCausalLM, TyrRotaryEmbedding
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 _HERE = Path(__file__).parent
 MODELING_FILES = ("configuration_tyr.py", "modeling_tyr.py")
@@ -57,7 +61,7 @@ def kept_kv_heads(geo: Geometry, kept_heads: torch.Tensor) -> torch.Tensor:
     return torch.unique(kept_heads.long() // geo.heads_per_kv)
 
 
-def _layer_windows(config) -> list[int | None]:
+def _layer_windows(config: PretrainedConfig) -> list[int | None]:
     """Per-layer sliding window of the source model, as transformers applies it (None: full causal)."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
@@ -68,7 +72,7 @@ def _layer_windows(config) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
-def compact_config(config, layout: PrunedLayout) -> TyrConfig:
+def compact_config(config: PretrainedConfig, layout: PrunedLayout) -> TyrConfig:
     """The ``TyrConfig`` of the compact model: the dense config plus the layout's per-layer shapes.
 
     Args:
@@ -142,7 +146,7 @@ def _refitted(sub_weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return sub_weight.detach().to(device=like.device, dtype=like.dtype, copy=True)
 
 
-def _attention_state(geo: Geometry, block: nn.Module, sub, p: str) -> dict[str, torch.Tensor]:
+def _attention_state(geo: Geometry, block: nn.Module, sub: PrunedSublayer, p: str) -> dict[str, torch.Tensor]:
     sa = block.self_attn
     if sub.removed_all:  # only o_proj's bias survives a dropped attention (residual + constant)
         return {f"{p}attn_output_bias": _copy(sa.o_proj.bias)} if sa.o_proj.bias is not None else {}
@@ -162,7 +166,7 @@ def _attention_state(geo: Geometry, block: nn.Module, sub, p: str) -> dict[str, 
     return out
 
 
-def _mlp_state(block: nn.Module, sub, p: str) -> dict[str, torch.Tensor]:
+def _mlp_state(block: nn.Module, sub: PrunedSublayer, p: str) -> dict[str, torch.Tensor]:
     mlp = block.mlp
     if sub.removed_all:
         return {f"{p}mlp_output_bias": _copy(mlp.down_proj.bias)} if mlp.down_proj.bias is not None else {}
@@ -240,7 +244,9 @@ def build_compact_model(model: nn.Module, layout: PrunedLayout) -> TyrForCausalL
     return compact.eval()
 
 
-def save_compact(model: nn.Module, layout: PrunedLayout, out_dir: Path, tokenizer=None) -> Path:
+def save_compact(
+    model: nn.Module, layout: PrunedLayout, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
     """Write the compact model: safetensors weights, config with ``auto_map``, and our config/modeling files.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` anywhere
@@ -266,7 +272,7 @@ def save_compact(model: nn.Module, layout: PrunedLayout, out_dir: Path, tokenize
     return atomic_write(Path(out_dir), lambda tmp: _write_compact(compact, tmp, tokenizer))
 
 
-def _write_compact(compact: TyrForCausalLM, tmp: Path, tokenizer) -> None:
+def _write_compact(compact: TyrForCausalLM, tmp: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
     compact.save_pretrained(tmp, safe_serialization=True)
     for name in MODELING_FILES:
         shutil.copy(_HERE / name, tmp / name)

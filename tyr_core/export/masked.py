@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..families import geometry
-from ..sublayer_layout import PrunedLayout, kept_columns, scatter_columns
+from ..sublayer_layout import PrunedLayout, PrunedSublayer, kept_columns, scatter_columns
 from .compact import atomic_write, check_layout, kept_kv_heads
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _zero_rows_except(lin: nn.Linear, keep: torch.Tensor) -> None:
@@ -27,7 +31,7 @@ def _zero_rows_except(lin: nn.Linear, keep: torch.Tensor) -> None:
         lin.bias[removed] = 0
 
 
-def _set_output_weight(lin: nn.Linear, sub, group_size: int) -> None:
+def _set_output_weight(lin: nn.Linear, sub: PrunedSublayer, group_size: int) -> None:
     lin.weight.copy_(scatter_columns(sub, lin.in_features, group_size).to(lin.weight.device))
 
 
@@ -66,7 +70,9 @@ def masked_model(model: nn.Module, layout: PrunedLayout) -> nn.Module:
     return out
 
 
-def save_masked(model: nn.Module, layout: PrunedLayout, out_dir: Path, tokenizer=None) -> Path:
+def save_masked(
+    model: nn.Module, layout: PrunedLayout, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
     """Write the masked model as a standard checkpoint (``save_pretrained``, safetensors), atomically.
 
     Args:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -35,6 +35,9 @@ from ..errors import ExportError
 from ..families import Geometry, geometry
 from ..sublayer_layout import PrunedLayout
 from .compact import atomic_write, check_layout, compact_state_dict
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 FfnWidth = Literal["exact", "ffn_mult"]
 ARCHITECTURE = "DeciLMForCausalLM"
@@ -90,7 +93,7 @@ def _ffn_mult_for(width: int, hidden: int) -> float | None:
     return mult if ffn_mult_width(mult, hidden) == width else None
 
 
-def _check_family(config, geo: Geometry) -> None:
+def _check_family(config: PretrainedConfig, geo: Geometry) -> None:
     if geo.family == "qwen3":
         raise ExportError(
             "nemotron-nas cannot express Qwen3: vLLM's DeciLM attention has no per-head q/k RMSNorm; use the "
@@ -106,7 +109,7 @@ def _check_family(config, geo: Geometry) -> None:
         )
 
 
-def _source_windows(config) -> list[int | None]:
+def _source_windows(config: PretrainedConfig) -> list[int | None]:
     """Layers whose sliding window actually limits attention (a window >= the context length never does)."""
     window = getattr(config, "sliding_window", None)
     if window is None or window >= config.max_position_embeddings:
@@ -156,7 +159,7 @@ def _ffn_block(geo: Geometry, layer: int, width: int, ffn_width: FfnWidth) -> di
     return {"no_op": False, "ffn_mult": mult}
 
 
-def _global_keys(config, geo: Geometry) -> dict:
+def _global_keys(config: PretrainedConfig, geo: Geometry) -> dict:
     rope = dict(config.rope_parameters)
     scaled = rope.get("rope_type", "default") != "default"
     legacy_scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if scaled else None
@@ -188,7 +191,7 @@ def _global_keys(config, geo: Geometry) -> dict:
     }
 
 
-def nemotron_config(config, layout: PrunedLayout, ffn_width: FfnWidth = "exact") -> dict:
+def nemotron_config(config: PretrainedConfig, layout: PrunedLayout, ffn_width: FfnWidth = "exact") -> dict:
     """The ``config.json`` of a Nemotron-NAS checkpoint of ``layout``, validated against the format's rules.
 
     Args:
@@ -227,7 +230,7 @@ def nemotron_config(config, layout: PrunedLayout, ffn_width: FfnWidth = "exact")
     return cfg
 
 
-def _positive_int(value) -> bool:
+def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -340,7 +343,11 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
 
 
 def save_nemotron(
-    model: nn.Module, layout: PrunedLayout, out_dir: Path, tokenizer=None, ffn_width: FfnWidth = "exact"
+    model: nn.Module,
+    layout: PrunedLayout,
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    ffn_width: FfnWidth = "exact",
 ) -> Path:
     """Write a Nemotron-NAS checkpoint for vLLM: config.json, ``configuration_decilm.py``, safetensors weights.
 

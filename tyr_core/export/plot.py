@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..families import geometry
 from ..param_count import dense_params, layout_params
 from ..sublayer_layout import PrunedLayout
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 JSON_NAME = "sparsity_distribution.json"
 PNG_NAME = "sparsity_distribution.png"
 
 
-def sparsity_distribution(config, layout: PrunedLayout) -> dict:
+def sparsity_distribution(config: PretrainedConfig, layout: PrunedLayout) -> dict:
     """Per-layer attention and MLP sparsity, kept groups and parameters, with model totals.
 
     Sparsity is the fraction of groups removed (docs/algorithm.md): query heads for attention, neurons for the MLP.
@@ -85,7 +89,7 @@ def _plot(dist: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_sparsity_report(config, layout: PrunedLayout, out_dir: Path) -> tuple[Path, Path]:
+def write_sparsity_report(config: PretrainedConfig, layout: PrunedLayout, out_dir: Path) -> tuple[Path, Path]:
     """Write ``sparsity_distribution.json`` and ``sparsity_distribution.png`` into ``out_dir`` (created if needed).
 
     Args:
