@@ -53,7 +53,12 @@ class TyrRotaryEmbedding(nn.Module):
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_default_rope_parameters(config: TyrConfig, device=None, seq_len=None, layer_type=None):
+    def compute_default_rope_parameters(
+        config: TyrConfig,
+        device: torch.device | str | None = None,
+        seq_len: int | None = None,
+        layer_type: str | None = None,
+    ) -> tuple[torch.Tensor, float]:
         base, dim = config.rope_parameters["rope_theta"], config.head_dim
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
         return 1.0 / (base**exponents), 1.0
@@ -77,7 +82,14 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + _rotate_half(x) * sin
 
 
-def _attend(q, k, v, mask, scaling: float, implementation: str | None) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    implementation: str | None,
+) -> torch.Tensor:
     """Attention of q (B, H, q, D) over k/v (B, H, k, D).
 
     ``mask`` is a boolean (B or 1, 1, q, k) tensor of allowed positions, or None for plain causal attention whose
@@ -126,7 +138,13 @@ class TyrAttention(nn.Module):
             self._kv_index[kv.device] = torch.tensor(self.kv_map, dtype=torch.long, device=kv.device)
         return kv.index_select(1, self._kv_index[kv.device])
 
-    def forward(self, x, position_embeddings, masks, past_key_values=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        masks: dict,
+        past_key_values: DynamicCache | None = None,
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.n_kv, self.head_dim)
@@ -176,7 +194,13 @@ class TyrDecoderLayer(nn.Module):
         elif config.mlp_bias:
             self.mlp_output_bias = nn.Parameter(torch.zeros(config.hidden_size))
 
-    def forward(self, x, position_embeddings, masks, past_key_values=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        masks: dict,
+        past_key_values: DynamicCache | None = None,
+    ) -> torch.Tensor:
         if self.has_attn:
             x = x + self.self_attn(self.input_layernorm(x), position_embeddings, masks, past_key_values)
         else:
@@ -240,7 +264,7 @@ class TyrModel(TyrPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _masks(self, attention_mask, q_len: int, past: int, device) -> dict:
+    def _masks(self, attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device) -> dict:
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[1] != past + q_len:
                 raise ValueError(
