@@ -8,6 +8,7 @@ replicas the overhead. On a CPU host the replicas share the cores, so more repli
 the cost of the Ray path, not a speed-up.
 
     python bench/scale_out.py                      # builds a tiny-test run first (a few minutes)
+    python bench/scale_out.py --preset smollm2-demo --replicas 1   # SmolLM2 (its run takes minutes to build)
     python bench/scale_out.py --store file:///tmp/x --run-id R --replicas 1 2 3 --pools 6
 """
 
@@ -27,16 +28,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _ensure_run(store: str | None, run_id: str) -> str:
+def _ensure_run(store: str | None, run_id: str, preset: str) -> str:
     if store:
         return store
     root = Path(tempfile.mkdtemp(prefix="tyr-scale-out-"))
     url = f"file://{root}"
-    cmd = [sys.executable, "-m", "tyr_cli", "prune", "tiny-test", "--store", url, "--run-id", run_id, "--json"]
+    cmd = [sys.executable, "-m", "tyr_cli", "prune", preset, "--store", url, "--run-id", run_id, "--json"]
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise SystemExit(f"tyr prune tiny-test failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise SystemExit(f"tyr prune {preset} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return url
 
 
@@ -57,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", help="store URL of a run with a committed iteration-1 supernet")
     parser.add_argument("--run-id", default="scale-out")
+    parser.add_argument("--preset", default="tiny-test", help="the run built when no --store is given")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--pools", type=int, default=6, help="pools scored per measurement")
     parser.add_argument("--offspring", type=int, default=8)
@@ -69,8 +71,8 @@ def main() -> None:
     from tyr_runtime import ray_engine, worker_steps
     from tyr_runtime.workspace import RunRef, forget, workspace
 
-    torch.set_num_threads(1)  # as the tiny preset and each one-CPU replica
-    ref = RunRef(run_id=args.run_id, store_url=_ensure_run(args.store, args.run_id))
+    torch.set_num_threads(1)  # as each one-CPU replica
+    ref = RunRef(run_id=args.run_id, store_url=_ensure_run(args.store, args.run_id, args.preset))
     ws = workspace(ref)
     genes = ws.reader(1).sublayers
     parent = [0] * len(genes)
@@ -83,7 +85,7 @@ def main() -> None:
     local_s, local_scores = _timed(local, pools, windows)
     forget(ref)
     report = {
-        "preset": "tiny-test",
+        "preset": args.preset,
         "units": units,
         "unit": "one candidate on one batch of 4 windows",
         "local_ms_per_unit": round(1000 * local_s / units, 3),
