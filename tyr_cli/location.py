@@ -59,7 +59,8 @@ def start_embedded(stack: contextlib.ExitStack, data_dir: Path | None = None) ->
             AWS_ACCESS_KEY_ID=creds["access_key"], AWS_SECRET_ACCESS_KEY=creds["secret_key"], AWS_SESSION_TOKEN=None
         )
     )
-    err_console.print(f"[dim]embedded S3 store: SeaweedFS at {s3.endpoint_url}, data in {s3.data_dir}[/dim]")
+    shared = ", already running for another tyr command" if s3.joined else ""
+    err_console.print(f"[dim]embedded S3 store: SeaweedFS at {s3.endpoint_url}{shared}, data in {s3.data_dir}[/dim]")
     return StoreLocation(s3.store_url, s3.endpoint_url, embedded=True)
 
 

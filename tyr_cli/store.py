@@ -20,10 +20,14 @@ def cmd_store_serve(args: argparse.Namespace) -> int:
     with server, signals_as_interrupt(signal.SIGINT):  # Ctrl-C works even where a script's shell ignored SIGINT
         announce_server(server, args.json)
         try:
-            while server.proc is not None and server.proc.poll() is None:
+            while server.running():  # also a server that another command started and shares with us
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            err_console.print("stopping the embedded SeaweedFS")
+            err_console.print(
+                "leaving the embedded SeaweedFS to its other users"
+                if server.joined
+                else "stopping the embedded SeaweedFS"
+            )
             return 0
         code = server.proc.poll() if server.proc is not None else None
     raise StoreError(f"the embedded SeaweedFS exited by itself (status {code}); its log is {server.log}")

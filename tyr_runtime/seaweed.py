@@ -1,11 +1,14 @@
 """The embedded S3 server: SeaweedFS (``weed mini``) on loopback, free ports, data in the user's cache.
 
-The CLI starts it when no store URL is configured and stops it afterwards; ``tyr store serve`` keeps it up.
+The CLI starts it when no store URL is configured and stops it afterwards; ``tyr store serve`` keeps it up. A second
+command on the same data folder uses the server already running there: each user keeps a lease file (named by its pid)
+in ``<data>/tyr-users/``, the command that started the server waits at exit until the other live users are done, and
+leases of dead processes are ignored.
 The server binds to 127.0.0.1 only and checks every request's signature: its key pair is generated once and kept in
 ``<data>/s3-credentials.json`` (mode 0600, in a 0700 data folder); give ``access_key``/``secret_key`` to use
 another pair. It runs with umask 077 (its files and its unix sockets are its owner's only), dies with the process
 that started it (Linux: ``PR_SET_PDEATHSIG``), and records its pid in the data folder, so a later start finds and
-stops a server whose owner was killed before it could stop it.
+stops a server whose owner was killed before it could stop it (one that has no live user left).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -28,15 +32,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from tyr_core.errors import NoSuchBucketError, StoreError
+from tyr_core.errors import NoSuchBucketError, StoreCredentialsError, StoreError
 
 from .storage import S3Store
+
+log = logging.getLogger(__name__)
 
 BUCKET = "tyr"
 CREDENTIALS_FILE = "s3-credentials.json"  # the generated key pair, 0600
 _PORTS_FILE = "tyr-ports.json"
-_LOCK_FILE = "tyr-weed.lock"
+_LOCK_FILE = "tyr-weed.lock"  # held while a command starts, joins, leaves or stops the server: one at a time
 _PID_FILE = "tyr-weed.pid.json"  # the running server: its pid and its owner's, so a later start can stop an orphan
+_USERS_DIR = "tyr-users"  # one lease file per command using the server, named "<pid>-<random>", holding its start time
 _PR_SET_PDEATHSIG = 1
 # Every port `weed mini` opens. The admin server's gRPC port is not a flag the worker honours: the worker dials
 # admin.port + 10000, so the admin port is chosen with that one free too (see _free_admin_port).
@@ -147,6 +154,16 @@ def _is_weed_of(pid: int, data_dir: Path) -> bool:
     )
 
 
+def _started_at(pid: int) -> str | None:
+    """``pid``'s start time (clock ticks since boot), or None if it is gone or a zombie: a lease whose pid was
+    recycled by another process does not match it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as weed (Go) binds: TIME_WAIT is no obstacle
@@ -234,6 +251,9 @@ class EmbeddedSeaweed:
         self.ports: dict[str, int] = {}
         self._sockets: Path | None = None
         self._lock: IO[bytes] | None = None
+        self._lease: Path | None = None  # our file in <data>/tyr-users while we use the server
+        self._joined_pid: int | None = None  # the server's pid when another command started it
+        self._waiting_for: list[int] = []
         self._log_start = 0
         self._last_error = ""
 
@@ -266,15 +286,31 @@ class EmbeddedSeaweed:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
+    @property
+    def joined(self) -> bool:
+        """Whether this uses a server that another command started (and that outlives this one if others use it)."""
+        return self._joined_pid is not None
+
+    def running(self) -> bool:
+        """Whether the server this uses is still up."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self._joined_pid is not None and _is_weed_of(self._joined_pid, self.data_dir)
+
     def start(self) -> EmbeddedSeaweed:
-        """Start the server, wait until S3 answers and the bucket exists; retried on a port race."""
-        if self.proc is not None and self.proc.poll() is None:
-            return self
+        """Use the server already running on the data folder, or start one and wait until S3 answers and the bucket
+        exists (retried on a port race)."""
+        if self._lease is not None:
+            if self.running():
+                return self
+            self._leave(force=True)  # our server is gone: drop the old lease, or it would count as another user
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.data_dir, 0o700)  # its objects, logs and credentials are the user's only
         check_free_space(self.data_dir)
         self._take_data_dir()
         try:
+            if self._join_running():
+                return self
             self._stop_orphan()
             self.client_options()  # generated before the server reads them
             for attempt in range(3):
@@ -282,26 +318,38 @@ class EmbeddedSeaweed:
                 if self._wait_ready():
                     self._save_ports()
                     self._save_pid()
+                    self._take_lease()
                     return self
                 if not self._lost_port_race() or self.requested_port:
                     break
             raise self._startup_failed()
         except BaseException:
-            self.stop()
+            self._leave(force=True)  # nobody else uses a server that never answered
+            atexit.unregister(self.stop)
             raise
+        finally:
+            self._release_data_dir()
 
     def stop(self) -> None:
-        """SIGTERM the server's process group, SIGKILL it after ``stop_timeout``; idempotent."""
-        self._stop_process()
-        if self._sockets is not None:
-            shutil.rmtree(self._sockets, ignore_errors=True)
-            self._sockets = None
-        if self._lock is not None:
-            with contextlib.suppress(OSError):
-                (self.data_dir / _PID_FILE).unlink()
-            self._lock.close()  # releases the flock
-            self._lock = None
-        atexit.unregister(self.stop)
+        """Stop using the server. The last live user stops it (SIGTERM to its process group, SIGKILL after
+        ``stop_timeout``); the command that started it first waits for the others (Ctrl-C stops it at once).
+        Idempotent."""
+        announced = False
+        try:
+            # The server dies with its owner (PR_SET_PDEATHSIG), so the owner outlives its users rather than hand over.
+            while not self._leave(force=False):
+                if not announced:
+                    announced = True
+                    log.warning(
+                        "waiting for the other tyr commands using the embedded SeaweedFS at %s (pids %s) to finish "
+                        "before stopping it; Ctrl-C stops it now, and them with it",
+                        self.endpoint_url,
+                        ", ".join(map(str, self._waiting_for)),
+                    )
+                time.sleep(0.5)
+        finally:
+            self._leave(force=True)  # nothing left to do after a normal leave; after Ctrl-C, stop the server now
+            atexit.unregister(self.stop)
 
     def __enter__(self) -> EmbeddedSeaweed:
         return self.start()
@@ -312,27 +360,150 @@ class EmbeddedSeaweed:
     # ------------------------------------------------------------------------------------------ internals
 
     def _take_data_dir(self) -> None:
-        """One server per data folder: two would corrupt each other's metadata."""
-        lock = open(self.data_dir / _LOCK_FILE, "ab")  # held open (and locked) for the server's lifetime
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise StoreError(
-                f"another embedded SeaweedFS already uses {self.data_dir}; stop it, point TYR_STORE_URL and "
-                "TYR_S3_ENDPOINT_URL at it, or give another data folder"
-            ) from None
+        """Take the data folder's lock, waiting while another command starts or stops its server: two servers on
+        one folder would corrupt each other's metadata."""
+        if self._lock is not None:
+            return
+        path = self.data_dir / _LOCK_FILE
+        lock = open(path, "ab")
+        waited = 3 * self.startup_timeout + self.stop_timeout + 30  # the longest another start or stop can take
+        deadline = time.monotonic() + waited
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise StoreError(
+                        f"another process has held the lock {path} of the embedded SeaweedFS's data folder "
+                        f"{self.data_dir} for over {waited:g} s (starting or stopping its server); wait for it or stop "
+                        "it, or give another data folder (TYR_CACHE, or --dir for `tyr store serve`)"
+                    ) from None
+                time.sleep(0.2)
         self._lock = lock
 
-    def _stop_orphan(self) -> None:
-        """Stop a server left running by an owner that was killed (we hold the data folder's flock, so its owner is
-        gone): it would hold SeaweedFS's own locks on the data and make the new server exit."""
+    def _release_data_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+    def _join_running(self) -> bool:
+        """Use the server already running on the data folder if it has live users; False if there is none (or
+        only an orphan, which ``_stop_orphan`` then stops). Holds the data folder's lock."""
+        pid = self._running_pid()
+        users = self._other_users()
+        if pid is None or not users:
+            return False
+        ports = self._saved_ports()
+        where = f"the embedded SeaweedFS (pid {pid}) that tyr commands (pids {', '.join(map(str, users))}) use"
+        if not ports or "s3.port" not in ports:
+            raise StoreError(
+                f"{where} has no readable ports file {self.data_dir / _PORTS_FILE}; wait for them to finish, or give "
+                "another data folder"
+            )
+        if self.requested_port and self.requested_port != ports["s3.port"]:
+            raise StoreError(
+                f"{where} serves {self.data_dir} at http://127.0.0.1:{ports['s3.port']}, not on port "
+                f"{self.requested_port}: use that endpoint, wait for them to finish, or give another data folder"
+            )
+        self.ports = ports
+        probe = self.open_store(connect_timeout=2, read_timeout=10, max_attempts=3)
+        try:
+            probe.check()
+        except StoreCredentialsError:
+            self.ports = {}
+            raise StoreError(
+                f"{where} refuses this key pair: it serves {self.data_dir} with another one. Give no access_key and "
+                f"secret_key (its pair is in {self.credentials_file}), or wait for them to finish"
+            ) from None
+        except StoreError as err:
+            self.ports = {}
+            raise StoreError(
+                f"{where} does not answer at http://127.0.0.1:{ports['s3.port']} ({err}). Its log is {self.log}; wait "
+                f"for them to finish, stop it (kill {pid}), or give another data folder"
+            ) from None
+        self._joined_pid = pid
+        self._take_lease()
+        return True
+
+    def _running_pid(self) -> int | None:
+        """The pid of the ``weed`` that the pid file names, if it is alive and serves this data folder."""
+        record = self._pid_record()
+        pid = record.get("pid") if record else None
+        return pid if isinstance(pid, int) and pid > 1 and _is_weed_of(pid, self.data_dir) else None
+
+    def _pid_record(self) -> dict[str, Any] | None:
         try:
             record = json.loads((self.data_dir / _PID_FILE).read_text())
-            pid = int(record["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        if pid <= 1 or not _is_weed_of(pid, self.data_dir):
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _take_lease(self) -> None:
+        users = self.data_dir / _USERS_DIR
+        users.mkdir(mode=0o700, exist_ok=True)
+        lease = users / f"{os.getpid()}-{secrets.token_hex(4)}"
+        lease.write_text(str(_started_at(os.getpid())))
+        self._lease = lease
+        atexit.register(self.stop)
+
+    def _other_users(self) -> list[int]:
+        """The pids of the live processes with a lease on the server, ours aside; stale leases are removed."""
+        pids = []
+        for lease in sorted((self.data_dir / _USERS_DIR).glob("*")):
+            if lease == self._lease:
+                continue
+            try:
+                pid = int(lease.name.split("-")[0])
+                live = _started_at(pid) == lease.read_text()
+            except (OSError, ValueError):
+                live = False
+            if live:
+                pids.append(pid)
+            else:
+                lease.unlink(missing_ok=True)
+        return pids
+
+    def _leave(self, force: bool) -> bool:
+        """Give up our lease, and stop the server if we are its last live user; False (and nothing done) while we
+        started it and others still use it, unless ``force``."""
+        if self._lease is None and self.proc is None and self._sockets is None and self._joined_pid is None:
+            return True
+        had_lock = self._lock is not None
+        try:
+            self._take_data_dir()
+        except StoreError as err:  # a stuck start elsewhere must not keep our server up: go on without the lock
+            log.warning("%s", err)
+        try:
+            others = self._other_users()
+            if others and not force and self.proc is not None and self.proc.poll() is None:
+                self._waiting_for = others
+                return False
+            if self._lease is not None:
+                self._lease.unlink(missing_ok=True)
+                self._lease = None
+            if self.proc is not None:
+                pid = self.proc.pid
+                self._stop_process()
+                if self._running_pid() is None and (self._pid_record() or {}).get("pid") == pid:
+                    (self.data_dir / _PID_FILE).unlink(missing_ok=True)
+            elif self._joined_pid is not None and not others:
+                self._stop_orphan()  # its owner is gone (it could not take the server down with it) and so are we
+            self._joined_pid = None
+            if self._sockets is not None:
+                shutil.rmtree(self._sockets, ignore_errors=True)
+                self._sockets = None
+            return True
+        finally:
+            if not had_lock:
+                self._release_data_dir()
+
+    def _stop_orphan(self) -> None:
+        """Stop the server the pid file names (we hold the data folder's lock and it has no live user left): it
+        would hold SeaweedFS's own locks on the data and make a new server exit."""
+        pid = self._running_pid()
+        if pid is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
@@ -345,10 +516,19 @@ class EmbeddedSeaweed:
             while _is_weed_of(pid, self.data_dir) and time.monotonic() < deadline + 10:
                 time.sleep(0.1)
         _remove_grpc_sockets(self._saved_ports() or {})
+        sockets = Path(str((self._pid_record() or {}).get("sockets", "")))
+        if sockets.name.startswith("tyr-weed-") and sockets.parent == Path(tempfile.gettempdir()):
+            shutil.rmtree(sockets, ignore_errors=True)
+        (self.data_dir / _PID_FILE).unlink(missing_ok=True)
 
     def _save_pid(self) -> None:
         assert self.proc is not None
-        record = {"pid": self.proc.pid, "owner_pid": os.getpid(), "endpoint_url": self.endpoint_url}
+        record = {
+            "pid": self.proc.pid,
+            "owner_pid": os.getpid(),
+            "endpoint_url": self.endpoint_url,
+            "sockets": str(self._sockets),
+        }
         with contextlib.suppress(OSError):
             (self.data_dir / _PID_FILE).write_text(json.dumps(record))
 
