@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import queue
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,10 +100,10 @@ class LayerwiseModel:
         state = self.weights.load("model.embed_tokens.", self.dtype)
         return _materialise(self.skeleton.model.embed_tokens, state, "model.embed_tokens", self.device)
 
-    def block(self, index: int) -> nn.Module:
+    def block(self, index: int, device: torch.device | str | None = None) -> nn.Module:
         prefix = f"model.layers.{index}."
         state = self.weights.load(prefix, self.dtype)
-        return _materialise(self.skeleton.model.layers[index], state, prefix[:-1], self.device)
+        return _materialise(self.skeleton.model.layers[index], state, prefix[:-1], device or self.device)
 
     def final_norm(self) -> nn.Module:
         state = self.weights.load("model.norm.", self.dtype)
@@ -156,6 +158,152 @@ class Activations:
             yield start, self.data[start : start + batch_size]
 
 
+class ShardedActivations:
+    """``N`` sequences of hidden states cut into chunks of ``chunk`` windows, chunk ``c`` held by device
+    ``c mod len(devices)`` (each device's chunks in order, in one ``Activations`` of its own).
+
+    Chunks are dealt out in turn rather than in contiguous runs so that, while every device works through its own
+    chunks, the partial results arrive in chunk order one from each device: an ordered sum holds one partial per
+    device at a time. The chunks are the same for any number of devices, so each one's results are too.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        chunk: int,
+        devices: Sequence[torch.device | str] = ("cpu",),
+        budget_bytes: int = 1 << 62,
+        spill_dir: Path | None = None,
+        device_budget: int = 0,
+        parts: list[Activations] | None = None,
+    ):
+        self.shape, self.chunk = shape, chunk
+        self.devices = [torch.device(d) for d in devices]
+        self.count = -(-shape[0] // chunk)  # chunks: all of ``chunk`` windows but the last
+        g = len(self.devices)
+        self.owned = [list(range(k, self.count, g)) for k in range(g)]
+        if parts is None:
+            # host memory is shared by the parts; each device has its own device memory
+            parts = [
+                Activations((self._rows(k), *shape[1:]), dtype, budget_bytes // g, spill_dir, d, device_budget)
+                for k, d in enumerate(self.devices)
+            ]
+        self.parts = parts
+
+    @classmethod
+    def of(cls, acts: Activations, chunk: int, device: torch.device | str = "cpu") -> ShardedActivations:
+        """One device's ``Activations`` seen as chunks (no copy)."""
+        return cls(acts.shape, acts.data.dtype, chunk, [device], parts=[acts])
+
+    def _rows(self, k: int) -> int:
+        return sum(self.span(c)[1] - self.span(c)[0] for c in self.owned[k])
+
+    def span(self, c: int) -> tuple[int, int]:
+        """Rows ``[start, end)`` of chunk ``c`` among the ``N`` sequences."""
+        return c * self.chunk, min((c + 1) * self.chunk, self.shape[0])
+
+    def owner(self, c: int) -> int:
+        return c % len(self.devices)
+
+    def local(self, c: int) -> torch.Tensor:
+        """Chunk ``c`` in its device's storage (a view: writing into it writes the chunk)."""
+        start, end = self.span(c)
+        offset = (c // len(self.devices)) * self.chunk  # every earlier chunk of a device is a whole one
+        return self.parts[self.owner(c)].data[offset : offset + end - start]
+
+    @property
+    def spilled(self) -> bool:
+        return any(p.spilled for p in self.parts)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """All ``N`` sequences in order: the one part itself, or a gathered copy in host memory."""
+        if len(self.parts) == 1:
+            return self.parts[0].data
+        out = torch.empty(self.shape, dtype=self.parts[0].data.dtype)
+        for c in range(self.count):
+            start, end = self.span(c)
+            out[start:end] = self.local(c).to("cpu")
+        return out
+
+    def copy_from(self, other: ShardedActivations) -> None:
+        for mine, theirs in zip(self.parts, other.parts, strict=True):
+            mine.data.copy_(theirs.data)
+
+
+_STOP = object()
+
+
+def in_chunk_order(
+    sharded: ShardedActivations, work: Callable[[int], Iterator[tuple[int, object]]]
+) -> Iterator[tuple[int, object]]:
+    """``work(k)`` yields ``(chunk, result)`` over device ``k``'s chunks; the results of all devices, in chunk order.
+
+    One device runs in the caller's thread; several run one thread each, each a step ahead of the caller at most,
+    so a device holds no more than two results however many chunks it owns.
+    """
+    if len(sharded.devices) == 1:
+        yield from work(0)
+        return
+    queues = [queue.Queue(maxsize=1) for _ in sharded.devices]
+    stop = threading.Event()
+
+    def put(k: int, item: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                queues[k].put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(k: int) -> None:
+        try:
+            for item in work(k):
+                if not put(k, item):
+                    return
+            put(k, (_STOP, None))
+        except BaseException as err:  # handed to the caller, which raises it
+            put(k, (_STOP, err))
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(sharded.devices))]
+    for t in threads:
+        t.start()
+    try:
+        for c in range(sharded.count):
+            got, result = queues[sharded.owner(c)].get()
+            if got is _STOP:
+                raise result if result is not None else RuntimeError(f"device {sharded.owner(c)} skipped chunk {c}")
+            yield got, result
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def on_each_device(count: int, work: Callable[[int], None]) -> None:
+    """``work(k)`` for every device index ``k``: in the caller's thread for one device, else one thread each."""
+    if count == 1:
+        work(0)
+        return
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as err:  # raised in the caller below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def run_block(
     block: nn.Module,
     inputs: Activations,
@@ -186,9 +334,16 @@ def capture_inputs(modules: dict[str, nn.Linear], on_input: Callable[[str, torch
             h.remove()
 
 
-def embed_windows(model: LayerwiseModel, windows: torch.Tensor, act: Activations, batch_size: int) -> None:
-    """Block 0's inputs for every calibration window."""
+def embed_windows(
+    model: LayerwiseModel, windows: torch.Tensor, act: Activations | ShardedActivations, batch_size: int
+) -> None:
+    """Block 0's inputs for every calibration window (on the model's device, a chunk at a time, then to the chunk's
+    device: the same values for any number of devices)."""
     emb = model.embeddings()
+    sharded = act if isinstance(act, ShardedActivations) else ShardedActivations.of(act, batch_size)
+    if sharded.chunk != batch_size:
+        raise ValueError(f"activations are chunked by {sharded.chunk} windows, not batch_size={batch_size}")
     with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
-            act.data[start : start + batch_size] = emb(windows[start : start + batch_size].to(model.device))
+        for c in range(sharded.count):
+            start, end = sharded.span(c)
+            sharded.local(c)[:] = emb(windows[start:end].to(model.device))

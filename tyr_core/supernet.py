@@ -8,8 +8,9 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,15 @@ from .errors import CorruptArtefactError, MissingArtefactError
 from .families import Geometry
 from .grid import Sublayer
 from .keys import KINDS, Kind, copy_key
-from .layerwise import Activations, LayerwiseModel, capture_inputs, embed_windows, run_block
+from .layerwise import (
+    Activations,
+    LayerwiseModel,
+    ShardedActivations,
+    capture_inputs,
+    embed_windows,
+    in_chunk_order,
+    on_each_device,
+)
 from .local_prune import LocalProblem, prepare, prune_prepared
 from .sublayer_layout import PrunedLayout, PrunedSublayer, scatter_columns
 
@@ -48,55 +57,85 @@ class PruneSettings:
     activation_budget_bytes: int = 4 << 30  # host memory; beyond it activations spill to ``spill_dir``
     spill_dir: Path | None = None
     device_budget_bytes: int = 0  # activations that fit live on the compute device (a GPU) instead of the host
+    devices: tuple[torch.device, ...] = ()  # a build's devices (empty: the model's); the bits do not depend on them
 
 
 def output_linear(block: nn.Module, kind: Kind) -> nn.Linear:
     return block.self_attn.o_proj if kind == "attn" else block.mlp.down_proj
 
 
-def _zeros_square(lin: nn.Linear) -> torch.Tensor:
-    """An fp32 ``(d_in, d_in)`` accumulator on the layer's device."""
-    return torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device)
+Positions = tuple[torch.Tensor, torch.Tensor]
 
 
-def layer_stats(
-    block: nn.Module, inputs: Activations, pos: tuple[torch.Tensor, torch.Tensor], batch_size: int
-) -> dict[Kind, torch.Tensor]:
-    """fp32 ``H = sum x x^T`` of the inputs of ``o_proj`` and ``down_proj`` from one pass over the block."""
-    linears = {kind: output_linear(block, kind) for kind in KINDS}
-    hessians = {kind: _zeros_square(lin) for kind, lin in linears.items()}
+def chunk_stats(
+    blocks: list[nn.Module],
+    inputs: ShardedActivations,
+    pos: list[Positions],
+    dense_inputs: ShardedActivations | None = None,
+) -> tuple[dict[Kind, torch.Tensor], dict[Kind, torch.Tensor] | None]:
+    """fp32 ``H = sum x x^T`` of the inputs of ``o_proj`` and ``down_proj`` (and, given the dense stream,
+    ``C = sum x x_dense^T``), as one partial per chunk of windows, each on the device holding its chunk
+    (``blocks[k]`` and ``pos[k]`` are device ``k``'s), summed in chunk order on the first device.
 
-    def accumulate(kind: str, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        hessians[kind].addmm_(flat.t(), flat)
+    Chunks and the order of the sum do not depend on the number of devices, so neither do the bits of H and C.
+    """
+    home = inputs.devices[0]
 
-    with capture_inputs(linears, accumulate):
-        run_block(block, inputs, None, pos, batch_size)
-    return hessians
+    def partials(k: int):
+        block, device = blocks[k], inputs.devices[k]
+        linears = {kind: output_linear(block, kind) for kind in KINDS}
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(kind: str, x: torch.Tensor) -> None:
+            seen[kind] = x.reshape(-1, x.shape[-1]).float()
+
+        for c in inputs.owned[k]:
+            # hooks and inference mode per chunk: neither may leak into the caller while this generator waits
+            with capture_inputs(linears, grab), torch.inference_mode():
+                dense = None
+                if dense_inputs is not None:  # the dense stream through the same (dense-weight) block
+                    xd = dense_inputs.local(c).to(device, non_blocking=True)
+                    block(xd, attention_mask=None, position_embeddings=pos[k])
+                    dense = dict(seen)
+                x = inputs.local(c).to(device, non_blocking=True)
+                block(x, attention_mask=None, position_embeddings=pos[k])
+                h = {kind: seen[kind].t() @ seen[kind] for kind in KINDS}
+                cross = None if dense is None else {kind: seen[kind].t() @ dense[kind] for kind in KINDS}
+            yield c, (h, cross)
+
+    hessians: dict[Kind, torch.Tensor] = {}
+    crosses: dict[Kind, torch.Tensor] | None = None if dense_inputs is None else {}
+    for _, (h, cross) in in_chunk_order(inputs, partials):
+        for kind in KINDS:
+            _add(hessians, kind, h[kind].to(home))
+            if crosses is not None:
+                _add(crosses, kind, cross[kind].to(home))
+    return hessians, crosses
+
+
+def _add(total: dict[Kind, torch.Tensor], kind: Kind, part: torch.Tensor) -> None:
+    if kind in total:
+        total[kind] += part
+    else:
+        total[kind] = part.clone()  # the first partial is the sum so far: no rounding from adding it to zeros
+
+
+def layer_stats(block: nn.Module, inputs: Activations, pos: Positions, batch_size: int) -> dict[Kind, torch.Tensor]:
+    """fp32 ``H = sum x x^T`` of the inputs of ``o_proj`` and ``down_proj`` from one pass over the block, summed
+    over chunks of ``batch_size`` windows in order (``chunk_stats`` on one device)."""
+    device = pos[0].device
+    return chunk_stats([block], ShardedActivations.of(inputs, batch_size, device), [pos])[0]
 
 
 def paired_stats(
-    block: nn.Module, inputs: Activations, dense_inputs: Activations, pos, batch_size: int
+    block: nn.Module, inputs: Activations, dense_inputs: Activations, pos: Positions, batch_size: int
 ) -> tuple[dict[Kind, torch.Tensor], dict[Kind, torch.Tensor]]:
     """``H = sum x x^T`` of the pruned stream and ``C = sum x x_dense^T`` against the dense stream, per output
-    projection, from one pass of the (dense-weight) block over each stream."""
-    linears = {kind: output_linear(block, kind) for kind in KINDS}
-    hessians = {kind: _zeros_square(lin) for kind, lin in linears.items()}
-    cross = {kind: torch.zeros_like(h) for kind, h in hessians.items()}
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(kind: str, x: torch.Tensor) -> None:
-        seen[kind] = x.reshape(-1, x.shape[-1]).float()
-
-    with capture_inputs(linears, grab), torch.inference_mode():
-        for (_, x), (_, xd) in zip(inputs.batches(batch_size), dense_inputs.batches(batch_size), strict=True):
-            device = pos[0].device
-            block(xd.to(device), attention_mask=None, position_embeddings=pos)
-            dense = dict(seen)
-            block(x.to(device), attention_mask=None, position_embeddings=pos)
-            for kind in KINDS:
-                hessians[kind].addmm_(seen[kind].t(), seen[kind])
-                cross[kind].addmm_(seen[kind].t(), dense[kind])
+    projection, from one pass of the (dense-weight) block over each stream (``chunk_stats`` on one device)."""
+    device = pos[0].device
+    sharded = ShardedActivations.of(inputs, batch_size, device)
+    dense = ShardedActivations.of(dense_inputs, batch_size, device)
+    hessians, cross = chunk_stats([block], sharded, [pos], dense)
     return hessians, cross
 
 
@@ -193,6 +232,11 @@ class LayerCursor:
     Layer ``l``'s inputs are the outputs of layers ``0..l-1`` carrying their expected weights, a pure function
     of the committed copies; so a fresh process (a resumed run) catches up by replaying those layers.
     Hessians and the prepared local problems of the current layer are kept for the local-prune steps.
+
+    With several ``devices`` (default: ``settings.devices``, else the model's device) the windows are dealt out to
+    them a chunk of ``batch_size`` at a time, each device holds a copy of the current block, the Hessians are summed
+    from per-chunk partials in chunk order on the first device, and ``prune_all`` spreads a layer's prunes over
+    the devices: the copies and activations have the same bits for any number of devices of one kind.
     """
 
     def __init__(
@@ -201,49 +245,77 @@ class LayerCursor:
         windows: torch.Tensor,
         settings: PruneSettings,
         sublayers: list[Sublayer] | None = None,
+        devices: Sequence[torch.device | str] | None = None,
     ):
         if settings.mlp_after_attention and sublayers is None:
             raise ValueError("mlp_after_attention needs the build's sublayers to form the attention's expected weight")
         self.model, self.settings, self.sublayers = model, settings, sublayers
+        devices = devices or settings.devices or [model.device]
+        self.devices = [torch.device(d) for d in devices]
         n, t = windows.shape
         shape = (n, t, model.geometry.hidden)
-        budget, spill = settings.activation_budget_bytes, settings.spill_dir
-        # the two buffers (this layer's inputs, the next layer's) share the device budget
-        on_device = dict(device=model.device, device_budget=settings.device_budget_bytes // 2)
-        self._acts = [Activations(shape, model.dtype, budget, spill, **on_device) for _ in range(2)]
+
+        def buffer() -> ShardedActivations:
+            # the two buffers (this layer's inputs, the next layer's) share each device's budget
+            return ShardedActivations(
+                shape,
+                model.dtype,
+                settings.batch_size,
+                self.devices,
+                settings.activation_budget_bytes,
+                settings.spill_dir,
+                settings.device_budget_bytes // 2,
+            )
+
+        self._acts = [buffer(), buffer()]
         embed_windows(model, windows, self._acts[0], settings.batch_size)
         # the dense model's own activations, for fitting dense outputs from pruned inputs
-        self._dense: list[Activations] | None = None
+        self._dense: list[ShardedActivations] | None = None
         if settings.refit_target == "dense" and settings.accumulation != "none":
-            self._dense = [Activations(shape, model.dtype, budget, spill, **on_device) for _ in range(2)]
-            self._dense[0].data.copy_(self._acts[0].data)
+            self._dense = [buffer(), buffer()]
+            self._dense[0].copy_from(self._acts[0])
         self._cross: dict[Kind, torch.Tensor] | None = None
-        self.pos = model.position_embeddings(t)
+        pos = model.position_embeddings(t)
+        self.pos = [tuple(p.to(d) for p in pos) for d in self.devices]  # copies: the same values on every device
         self.layer = 0
-        self._block: nn.Module | None = None
+        self._blocks: list[nn.Module] | None = None
         self._hessians: dict[Kind, torch.Tensor] | None = None
         self._problems: dict[Kind, LocalProblem] = {}
+        self._moved: dict[tuple[Kind, int], LocalProblem] = {}
+        self._pruned: dict[tuple[Kind, int], PrunedSublayer] = {}
+        self.prune_log: list[tuple[Kind, int, int, str]] = []  # (kind, level, device index, thread name) of every prune
         self._lock = threading.RLock()
+        self._log_lock = threading.Lock()
 
     @property
-    def inputs(self) -> Activations:
+    def inputs(self) -> ShardedActivations:
         return self._acts[self.layer % 2]
 
+    def _current_blocks(self) -> list[nn.Module]:
+        """The current block on every device: read once, then copied (the same weights on each)."""
+        if self._blocks is None:
+            first = self.model.block(self.layer, self.devices[0])
+            self._blocks = [first] + [deepcopy(first).to(d) for d in self.devices[1:]]
+        return self._blocks
+
     def _current_block(self) -> nn.Module:
-        if self._block is None:
-            self._block = self.model.block(self.layer)
-        return self._block
+        return self._current_blocks()[0]
+
+    def _set_weight(self, kind: Kind, weight: torch.Tensor) -> None:
+        """Give every device's copy of the block one output projection's weight."""
+        with torch.no_grad():
+            for block in self._current_blocks():
+                output_linear(block, kind).weight.copy_(weight)
+
+    def _stats(self, dense: bool) -> tuple[dict[Kind, torch.Tensor], dict[Kind, torch.Tensor] | None]:
+        dense_inputs = self._dense[self.layer % 2] if dense and self._dense is not None else None
+        return chunk_stats(self._current_blocks(), self.inputs, self.pos, dense_inputs)
 
     def hessians(self) -> dict[Kind, torch.Tensor]:
         """``H`` of ``o_proj`` and ``down_proj`` of the current layer (one pass over its inputs, computed once)."""
         with self._lock:
             if self._hessians is None:
-                block, bs = self._current_block(), self.settings.batch_size
-                if self._dense is None:
-                    self._hessians = layer_stats(block, self.inputs, self.pos, bs)
-                else:
-                    dense_inputs = self._dense[self.layer % 2]
-                    self._hessians, self._cross = paired_stats(block, self.inputs, dense_inputs, self.pos, bs)
+                self._hessians, self._cross = self._stats(dense=True)
                 if self.settings.mlp_after_attention and self.settings.accumulation != "none":
                     self._hessians["mlp"] = self._mlp_hessian_after_attention()
             return self._hessians
@@ -260,17 +332,15 @@ class LayerCursor:
             self._cross["attn"] if self._cross is not None else None,
         )
         self._problems["attn"] = problem
-        copies = {level: prune_copy(problem, attn, level, self.model.geometry, self.settings) for level in attn.levels}
-        lin = output_linear(self._current_block(), "attn")
-        dense = lin.weight.detach().clone()
+        pruned = self.prune_all([(attn, level) for level in attn.levels])
+        copies = dict(zip(attn.levels, pruned, strict=True))
+        dense = output_linear(self._current_block(), "attn").weight.detach().clone()
         expected = expected_weight(attn, copies, dense, self.model.geometry, self.settings.accumulation)
         try:
-            with torch.no_grad():
-                lin.weight.copy_(expected)
-            return layer_stats(self._current_block(), self.inputs, self.pos, self.settings.batch_size)["mlp"]
+            self._set_weight("attn", expected)
+            return self._stats(dense=False)[0]["mlp"]
         finally:
-            with torch.no_grad():
-                lin.weight.copy_(dense)
+            self._set_weight("attn", dense)
 
     def problem(self, kind: Kind) -> LocalProblem:
         """The prepared local problem (damped H, G, H^-1) of the current layer's sublayer, shared by its levels."""
@@ -282,25 +352,67 @@ class LayerCursor:
                 self._problems[kind] = prepare(dense, hessian, self.settings.damping, cross)
             return self._problems[kind]
 
+    def _problem_on(self, kind: Kind, k: int) -> LocalProblem:
+        """The problem's tensors copied to device ``k`` (the same values: each prune computes the same bits there)."""
+        moved = self._moved.get((kind, k))
+        if moved is not None:  # without the lock: ``prune_all``'s threads read what their caller prepared
+            return moved
+        with self._lock:
+            if (kind, k) not in self._moved:
+                problem = self.problem(kind)
+                moved = {f.name: getattr(problem, f.name).to(self.devices[k]) for f in fields(problem)}
+                self._moved[(kind, k)] = problem if k == 0 else LocalProblem(**moved)
+            return self._moved[(kind, k)]
+
     def prune(self, sub: Sublayer, level: int) -> PrunedSublayer:
         if sub.layer != self.layer:
             raise RuntimeError(f"cursor is at layer {self.layer}, cannot prune layer {sub.layer}")
-        return prune_copy(self.problem(sub.kind), sub, level, self.model.geometry, self.settings)
+        with self._lock:
+            held = self._pruned.get((sub.kind, level))
+        if held is not None:  # computed by ``prune_all``
+            return held
+        return self._prune_on(sub, level, 0)
+
+    def _prune_on(self, sub: Sublayer, level: int, k: int) -> PrunedSublayer:
+        pruned = prune_copy(self._problem_on(sub.kind, k), sub, level, self.model.geometry, self.settings)
+        with self._log_lock:  # not the cursor's lock: the caller of ``prune_all`` may hold that one
+            self.prune_log.append((sub.kind, level, k, threading.current_thread().name))
+        return pruned
+
+    def prune_all(self, requests: list[tuple[Sublayer, int]]) -> list[PrunedSublayer]:
+        """The copies of ``requests`` (sublayer, level) of the current layer, spread over the devices (request ``i`` on
+        device ``i mod len(devices)``, one thread per device); they are also kept for ``prune`` until ``advance``."""
+        for sub, _ in requests:
+            if sub.layer != self.layer:
+                raise RuntimeError(f"cursor is at layer {self.layer}, cannot prune layer {sub.layer}")
+        g = min(len(self.devices), len(requests)) or 1
+        for i, (sub, _) in enumerate(requests):
+            self._problem_on(sub.kind, i % g)  # here, so that the threads only read what they need
+        out: list[PrunedSublayer | None] = [None] * len(requests)
+
+        def work(k: int) -> None:
+            for i in range(k, len(requests), g):
+                out[i] = self._prune_on(*requests[i], k)
+
+        on_each_device(g, work)
+        with self._lock:
+            for (sub, level), pruned in zip(requests, out, strict=True):
+                self._pruned[(sub.kind, level)] = pruned
+        return out
 
     def advance(self, sublayers: list[Sublayer], copies: dict[Kind, dict[int, PrunedSublayer]]) -> None:
         """Give the current layer its expected weights, run it, and move to the next layer."""
-        block, geo = self._current_block(), self.model.geometry
-        if self._dense is not None:  # the dense stream first, while the block still has its dense weights
-            nxt = self._dense[(self.layer + 1) % 2]
-            run_block(block, self._dense[self.layer % 2], nxt, self.pos, self.settings.batch_size)
+        blocks, geo = self._current_blocks(), self.model.geometry
+        nxt = (self.layer + 1) % 2
+        if self._dense is not None:  # the dense stream first, while the blocks still have their dense weights
+            _run_sharded(blocks, self._dense[self.layer % 2], self._dense[nxt], self.pos)
         for sub in (s for s in sublayers if s.layer == self.layer):
-            lin = output_linear(block, sub.kind)
-            new = expected_weight(sub, copies[sub.kind], lin.weight.detach(), geo, self.settings.accumulation)
-            with torch.no_grad():
-                lin.weight.copy_(new)
-        run_block(block, self.inputs, self._acts[(self.layer + 1) % 2], self.pos, self.settings.batch_size)
+            dense = output_linear(blocks[0], sub.kind).weight.detach()
+            self._set_weight(sub.kind, expected_weight(sub, copies[sub.kind], dense, geo, self.settings.accumulation))
+        _run_sharded(blocks, self.inputs, self._acts[nxt], self.pos)
         self.layer += 1
-        self._block, self._hessians, self._cross, self._problems = None, None, None, {}
+        self._blocks, self._hessians, self._cross = None, None, None
+        self._problems, self._moved, self._pruned = {}, {}, {}
 
     def seek(self, layer: int, sublayers: list[Sublayer], load: Callable[[int], dict[Kind, dict[int, PrunedSublayer]]]):
         """Replay layers up to ``layer`` with their committed copies (``load(layer)``), e.g. after a restart."""
@@ -308,6 +420,22 @@ class LayerCursor:
             raise RuntimeError(f"cursor is already past layer {layer} (at {self.layer}); start a new cursor")
         while self.layer < layer:
             self.advance(sublayers, load(self.layer))
+
+
+def _run_sharded(
+    blocks: list[nn.Module], inputs: ShardedActivations, outputs: ShardedActivations, pos: list[Positions]
+) -> None:
+    """Every device runs its copy of the block over its own chunks, writing its own part of ``outputs``."""
+
+    def work(k: int) -> None:
+        device = inputs.devices[k]
+        with torch.inference_mode():
+            for c in inputs.owned[k]:
+                x = inputs.local(c).to(device, non_blocking=True)
+                y = blocks[k](x, attention_mask=None, position_embeddings=pos[k])
+                outputs.local(c)[:] = y[0] if isinstance(y, tuple) else y
+
+    on_each_device(len(blocks), work)
 
 
 @dataclass
@@ -339,10 +467,11 @@ def build_supernet(build: SupernetBuild, progress: Progress | None = None) -> di
     cursor = LayerCursor(build.model, build.windows, build.settings, build.sublayers)
     entries: list[dict] = []
     for layer in range(build.model.num_layers):
+        requests = [(sub, level) for sub in build.sublayers if sub.layer == layer for level in sub.levels]
         copies: dict[Kind, dict[int, PrunedSublayer]] = {}
-        for sub in (s for s in build.sublayers if s.layer == layer):
-            copies[sub.kind] = {level: cursor.prune(sub, level) for level in sub.levels}
-            entries += [save_layer_copy(build, sub, level, c) for level, c in copies[sub.kind].items()]
+        for (sub, level), pruned in zip(requests, cursor.prune_all(requests), strict=True):
+            copies.setdefault(sub.kind, {})[level] = pruned
+            entries.append(save_layer_copy(build, sub, level, pruned))
         cursor.advance(build.sublayers, copies)
         if progress:
             progress("supernet", layer + 1, build.model.num_layers)

@@ -6,9 +6,11 @@ every commit of the search there too) and call long-lived actors instead of comp
 
 - ``Replica``: a named, detached actor (``max_restarts=-1``, ``max_task_retries=-1``, ``num_gpus`` =
   ``gpus_per_replica``) holding a workspace of the run (``workspace.py``) in its own process: reader, resident or
-  streamed search model, teacher shards, and for replica 0 the supernet build's layer cursor. A resumed flow run
-  finds its replicas again by name; a replica that dies is restarted by Ray and the call it was running is sent
-  again, and rebuilds what it held from the store (the build replays committed layers, as a fresh worker does).
+  streamed search model, teacher shards, and for replica 0 the supernet build's layer cursor, spread over the
+  actor's GPUs when it has several (``gpus_per_replica`` > 1: the windows dealt out to them a chunk at a time, a
+  layer's prunes run on all of them, with the bits of one GPU). A resumed flow run finds its replicas again by
+  name; a replica that dies is restarted by Ray and the call it was running is sent again, and rebuilds what it
+  held from the store (the build replays committed layers, as a fresh worker does).
 - ``RayPoolEvaluator``: the search's evaluator (``__call__`` and ``pool``, what ``search.select`` calls). A unit is
   one candidate on one shard of whole evaluation batches; the driver adds the per-batch (KL sum, tokens) back in
   window order, the float sequence of ``KLEvaluator.pool``, so the fitness has the same bits for any number of
@@ -61,6 +63,7 @@ class Replica:
         self.ref = ref
         self.units = 0
         self.build_steps = 0
+        self.gpus = len(_ray().get_gpu_ids())  # the GPUs Ray assigned this actor: a build spreads over them
 
     def info(self) -> dict[str, Any]:
         """Where this replica runs and what it has done since it (re)started (copies it committed included)."""
@@ -72,6 +75,7 @@ class Replica:
             "node_ip": ray.util.get_node_ip_address(),
             "units": self.units,
             "build_steps": self.build_steps,
+            "gpus": self.gpus,
             "committed": list(worker_steps.COMMITTED_HERE),
         }
 
@@ -81,6 +85,9 @@ class Replica:
 
         if step not in {"layer_stats", "local_prune", "accumulate", "end_build"}:
             raise ValueError(f"unknown build step {step!r}")
+        from .workspace import workspace
+
+        workspace(self.ref).build_gpus = max(1, self.gpus)
         self.build_steps += 1
         return getattr(worker_steps, step)(self.ref, *args)
 

@@ -26,12 +26,25 @@ def plan_sublayers(plan: dict) -> list[Sublayer]:
 
 
 def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
-    """H of o_proj and down_proj for one layer, kept in this process for the layer's local prunes."""
+    """H of o_proj and down_proj for one layer, kept in this process for the layer's local prunes.
+
+    With several build devices the layer's copies not yet committed are computed here too, spread over the devices
+    (the local-prune steps, which reach this process one at a time, then commit them)."""
     ws = workspace(ref)
     subs = plan_sublayers(ws.plan(iteration))
     cursor = ws.cursor(iteration, subs)
     cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
-    return {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
+    shapes = {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
+    if len(cursor.devices) > 1:
+        todo = [
+            (s, level)
+            for s in subs
+            if s.layer == layer
+            for level in s.levels
+            if not is_committed(ws.store, keys.copy_key(iteration, layer, s.kind, level))
+        ]
+        cursor.prune_all(todo)
+    return shapes
 
 
 def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list[str]) -> list[dict]:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class Workspace:
     _plans: dict[int, dict] = field(default_factory=dict)
     _fresh: dict[str, PrunedSublayer] = field(default_factory=dict)
     _placement: Placement | None = None
+    build_gpus: int = 1  # GPUs this process may spread a supernet build over (a Ray build actor's share)
 
     _fetched: set[str] = field(default_factory=set)
 
@@ -123,12 +124,23 @@ class Workspace:
             return load_file(self.fetch(keys.calibration_key("validation")))["windows"]
         return self.calibration()
 
+    def build_devices(self) -> list[torch.device]:
+        """The devices the supernet build spreads over: the run's device, and on CUDA with ``build_gpus`` > 1 that
+        many visible GPUs from it on (in a Ray actor, the GPUs Ray assigned it, visible as cuda:0..G-1)."""
+        device = self.placement.device
+        if device.type != "cuda" or self.build_gpus <= 1:
+            return [device]
+        first = device.index or 0
+        count = max(1, min(self.build_gpus, torch.cuda.device_count() - first))
+        return [torch.device("cuda", first + k) for k in range(count)]
+
     def cursor(self, iteration: int, sublayers) -> LayerCursor:
         with self.lock:
             if iteration not in self._cursors:
                 self.end_build()  # one build at a time: free the previous iteration's activations
                 budget = self.placement.budget_bytes // 2  # the other half: the block, its Hessians, the prunes
                 settings = prune_settings(self.config.prune, spill_dir=self.cache, device_budget_bytes=budget)
+                settings = replace(settings, devices=tuple(self.build_devices()))  # the copies' bits do not move
                 self._cursors[iteration] = LayerCursor(self.model, self.calibration(), settings, list(sublayers))
             return self._cursors[iteration]
 
