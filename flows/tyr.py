@@ -1,8 +1,9 @@
 """The ``tyr`` flow: one run is the whole coarse-to-fine loop of Týr-the-Pruner (docs/algorithm.md, Alg. 4).
 
-calibrate -> teacher -> for each iteration: plan, build the supernet layer by layer (stats, local prune at
-every level through the task runner, accumulate the expectation), search generations, recentre -> garbage-collect ->
-export -> evaluate. Every step commits to the store, so a retried or resumed run recomputes nothing committed.
+calibrate -> teacher -> for each iteration: plan around the centres, build the supernet layer by layer (stats, local
+prune at every level, accumulate the expectation), search generations, recentre -> garbage-collect -> export ->
+evaluate. Every step commits to the store, and ``tyr_core.store.remaining`` says what a retried or resumed run still
+has to compute; how the steps run in the process (threads, subflow settings, refused exports) is ``_execution.py``.
 """
 
 from __future__ import annotations
@@ -11,77 +12,28 @@ import time
 from typing import Annotated
 
 from prefect import flow, get_run_logger
-from prefect.context import SettingsContext, get_settings_context
-from prefect.settings import Settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from tasks.data import calibrate, teacher
 from tasks.evaluate import evaluate, evaluate_baselines, summarize
-from tasks.export import export
 from tasks.policies import RESULT_SERIALIZER
 from tasks.reports import flush_artifacts, start_progress, update_progress
 from tasks.search import recentre_interval, search_generation
-from tasks.supernet import accumulate, garbage_collect, layer_stats, local_prune, plan, supernet_index
+from tasks.supernet import accumulate, garbage_collect, layer_stats, plan, supernet_index
 from tyr_core import keys
 from tyr_core.config import MAX_CONCURRENT_PRUNES
-from tyr_core.store import is_committed
+from tyr_core.grid import IterationPlan
+from tyr_core.store import remaining
 from tyr_runtime.runs import open_run, release_run
-from tyr_runtime.workspace import RunRef
+from tyr_runtime.workspace import RunRef, workspace
 
+from ._execution import export_format, local_prunes, use_torch_threads, without_heartbeats
 from .recipes import resolve_config
 
 # URLs in flow parameters are kept in Prefect's database and shown in its UI: credentials in them (user info, before
 # an '@') are refused when the run is created; they come from the AWS chain or a credentials block.
 NO_CREDENTIALS = r"^[^@]*$"
-
-
-@flow(
-    name="tyr-iteration",
-    task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES),
-    result_serializer=RESULT_SERIALIZER,  # JSON, never pickles: for its tasks without a policy of their own too
-)
-def iteration_flow(ref: RunRef, iteration: int, generations: int, committed: bool = False) -> dict:
-    """One iteration: supernet around the current centres, then the sparsity-shift search."""
-    grid = plan(ref, iteration)
-    if not committed:
-        build_supernet(ref, iteration, grid)
-    progress = start_progress(ref.run_id, iteration, generations)
-    for generation in range(1, generations + 1):
-        search_generation(ref, iteration, generation)
-        update_progress(progress, generation, generations)
-    return recentre_interval(ref, iteration, generations)
-
-
-def build_supernet(ref: RunRef, iteration: int, grid: dict) -> dict:
-    """Layer by layer: each layer's inputs carry the expected weights of the layers before it (eq. 5). A layer's
-    local-prune tasks (one per level) go through the task runner, ``concurrent_prunes`` at a time.
-
-    With ``concurrent_prunes=1`` (the default) they run in the flow's own thread instead. A task-runner thread that
-    runs torch gets an OpenMP team of its own, and once the process has more OpenMP threads than cores, libgomp
-    stops spinning at its barriers: every parallel region of every op, in every thread, then waits for workers to
-    wake up. On CPU that made the SmolLM2 build 1.16x as long, with 25x the context switches
-    (``python bench/prune_thread.py``).
-    """
-    from tyr_runtime.workspace import workspace
-
-    at_once = workspace(ref).config.concurrent_prunes
-    layers = sorted({s["layer"] for s in grid["sublayers"]})
-    entries: list[dict] = []
-    for layer in layers:
-        subs = [s for s in grid["sublayers"] if s["layer"] == layer]
-        layer_stats(ref, iteration, layer)
-        levels = sorted({lv for s in subs for lv in range(s["lo"], s["hi"] + 1)})
-        for batch in (levels[i : i + at_once] for i in range(0, len(levels), at_once)):
-            kinds = {lv: [s["kind"] for s in subs if s["lo"] <= lv <= s["hi"]] for lv in batch}
-            if at_once == 1:
-                entries += local_prune(ref, iteration, layer, batch[0], kinds[batch[0]])
-            else:
-                futures = [local_prune.submit(ref, iteration, layer, lv, kinds[lv]) for lv in batch]
-                entries += [entry for f in futures for entry in f.result()]
-        if layer != layers[-1]:
-            accumulate(ref, iteration, layer)
-    return supernet_index(ref, iteration, entries)
 
 
 @flow(name="tyr", log_prints=False, result_serializer=RESULT_SERIALIZER)
@@ -134,49 +86,38 @@ def tyr(
         release_run(ref)
 
 
-def use_torch_threads(threads: int | None) -> None:
-    """Size torch's intra-op pool for this run (``torch_threads``; None leaves torch's default). The flow owns its
-    process under a worker, so the setting is the run's, not a library's side effect."""
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
-    """Skip an iteration whose result is committed; otherwise run (or resume) its subflow."""
-    from tyr_runtime.workspace import workspace
-
-    store = workspace(ref).store
-    if is_committed(store, keys.result_key(iteration)):
+    """An iteration's result: committed already (its recentre task returns it), or from its subflow, run or resumed."""
+    if not remaining(workspace(ref).store, keys.result_key(iteration)):
         return recentre_interval(ref, iteration, generations)
-    committed = is_committed(store, keys.supernet_index_key(iteration))
-    # No heartbeats of its own: the subflow runs in this process and thread, so the run's heartbeat already says
-    # whether it is alive; a heartbeat thread per subflow would add a thread and events that say nothing more. After a
-    # node dies, zombie detection marks the run Crashed; the subflow, like every task run, shows its last state until
-    # the run is retried and continues it.
-    with _without_heartbeats():
-        return iteration_flow(ref, iteration, generations, committed)
+    with without_heartbeats():
+        return iteration_flow(ref, iteration, generations)
 
 
-_quiet_settings: tuple[Settings, Settings] | None = None  # (the run's settings, the same without heartbeats)
+@flow(
+    name="tyr-iteration",
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES),
+    result_serializer=RESULT_SERIALIZER,  # JSON, never pickles: for its tasks without a policy of their own too
+)
+def iteration_flow(ref: RunRef, iteration: int, generations: int) -> dict:
+    """One iteration: the supernet around the current centres, then the sparsity-shift search and the recentring."""
+    grid = IterationPlan.from_json(plan(ref, iteration))
+    if remaining(workspace(ref).store, keys.supernet_index_key(iteration)):
+        build_supernet(ref, grid)
+    progress = start_progress(ref.run_id, iteration, generations)
+    for generation in range(1, generations + 1):
+        search_generation(ref, iteration, generation)
+        update_progress(progress, generation, generations)
+    return recentre_interval(ref, iteration, generations)
 
 
-def _without_heartbeats() -> SettingsContext:
-    """The current settings with flow heartbeats off, built once per settings object: building Settings (what
-    ``temporary_settings`` does on every call) took 0.17 s a subflow, measured with pyinstrument."""
-    global _quiet_settings
-    context = get_settings_context()
-    if _quiet_settings is None or _quiet_settings[0] is not context.settings:
-        quiet = context.settings.copy_with_update(updates={"flows.heartbeat_frequency": None})
-        _quiet_settings = (context.settings, quiet)
-    return SettingsContext(profile=context.profile, settings=_quiet_settings[1])
-
-
-def export_format(ref: RunRef, iteration: int, fmt: str) -> dict:
-    """One export; a layout the format cannot express (e.g. Nemotron-NAS) is reported, not fatal to the run."""
-    state = export(ref, iteration, fmt, return_state=True)
-    if state.is_completed():
-        return state.result()
-    get_run_logger().warning("export %s refused: %s", fmt, state.message)
-    return {"format": fmt, "refused": state.message}
+def build_supernet(ref: RunRef, grid: IterationPlan) -> dict:
+    """Layer by layer: each layer's inputs carry the expected weights of the layers before it (eq. 5)."""
+    entries: list[dict] = []
+    for layer in grid.layers():
+        layer_stats(ref, grid.iteration, layer)
+        levels = {level: grid.kinds_at(layer, level) for level in grid.levels_of(layer)}
+        entries += local_prunes(ref, grid.iteration, layer, levels)  # each sublayer at every level of its grid
+        if layer != grid.layers()[-1]:
+            accumulate(ref, grid.iteration, layer)
+    return supernet_index(ref, grid.iteration, entries)

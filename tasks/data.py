@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from prefect import task
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from tyr_core import keys
 from tyr_core.fitness import write_teacher_topk
 from tyr_core.pipeline import calibration_split
-from tyr_core.store import commit_file, is_committed, read_json
+from tyr_core.store import commit_file, commit_once
 from tyr_runtime.real_assets import resolve_corpus
 from tyr_runtime.workspace import RunRef, workspace
 
@@ -26,25 +29,21 @@ def calibrate(ref: RunRef) -> dict:
     ws = workspace(ref)
     split: list[tuple[torch.Tensor, torch.Tensor]] = []  # tokenised once, only if something is missing
 
-    def part(index: int):
-        def make(ws) -> torch.Tensor:
-            if not split:
-                split.append(_calibration_split(ws))
-            return split[0][index]
+    def calibration_part(index: int) -> torch.Tensor:
+        if not split:
+            split.append(_calibration_split(ws))
+        return split[0][index]
 
-        return make
-
-    parts = [("tokens", part(0)), ("heldout", _heldout)]
+    parts = {"tokens": partial(calibration_part, 0), "heldout": partial(_heldout, ws)}
     if ws.config.calibration.validation_windows:
-        parts.append(("validation", part(1)))
-    for name, make in parts:
-        key = keys.calibration_key(name)
-        if not is_committed(ws.store, key):
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "w.safetensors"
-                save_file({"windows": make(ws).contiguous()}, str(path))
-                commit_file(ws.store, key, path, ws.config.artefact_hash())
+        parts["validation"] = partial(calibration_part, 1)
+    for name, windows in parts.items():
+        commit_once(ws.store, keys.calibration_key(name), partial(_safetensors, windows), ws.config.artefact_hash())
     return {"key": keys.calibration_key(), "windows": list(ws.calibration().shape)}
+
+
+def _safetensors(windows: Callable[[], torch.Tensor]) -> bytes:
+    return save({"windows": windows().contiguous()})  # the bytes ``save_file`` writes
 
 
 def _calibration_split(ws) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,19 +64,20 @@ def teacher(ref: RunRef) -> dict:
     """The dense model's top-k logits on every window the search scores (fp16 values, int32 ids), in shards; the
     top-k is taken on the run's device."""
     ws = workspace(ref)
-    if is_committed(ws.store, keys.teacher_index_key()):
-        return read_json(ws.store, keys.teacher_index_key())
-    _, logits = ws.forward_model()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        index = write_teacher_topk(
-            logits,
-            ws.search_windows()[: ws.config.teacher.max_windows],  # None: all of them
-            ws.config.teacher.topk,
-            out,
-            ws.config.teacher.windows_per_shard,
-        )
-        for shard in sorted(out.glob("*.safetensors")):
-            commit_file(ws.store, keys.teacher_file_key(shard.name), shard, ws.config.artefact_hash())
-        commit_file(ws.store, keys.teacher_index_key(), out / "index.json", ws.config.artefact_hash())
-    return read_json(ws.store, keys.teacher_index_key()) if index is not None else {}
+
+    def produce() -> bytes:
+        _, logits = ws.forward_model()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            write_teacher_topk(
+                logits,
+                ws.search_windows()[: ws.config.teacher.max_windows],  # None: all of them
+                ws.config.teacher.topk,
+                out,
+                ws.config.teacher.windows_per_shard,
+            )
+            for shard in sorted(out.glob("*.safetensors")):
+                commit_file(ws.store, keys.teacher_file_key(shard.name), shard, ws.config.artefact_hash())
+            return (out / "index.json").read_bytes()
+
+    return json.loads(commit_once(ws.store, keys.teacher_index_key(), produce, ws.config.artefact_hash()))

@@ -11,8 +11,8 @@ from tyr_core.evaluate import perplexity
 from tyr_core.export.plot import PNG_NAME
 from tyr_core.param_count import dense_params, layout_params
 from tyr_core.pipeline import apply_layout, magnitude_layout
-from tyr_core.store import best_iteration, commit_bytes, is_committed, read_json
-from tyr_runtime.workspace import RunRef, Workspace, dumps, workspace
+from tyr_core.store import best_iteration, commit_json_once, is_committed, read_json
+from tyr_runtime.workspace import RunRef, Workspace, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
 from .reports import publish_markdown, summary_markdown
@@ -29,8 +29,8 @@ def final_layout(ws: Workspace, last: int):
 def evaluate_baselines(ref: RunRef) -> dict:
     """Dense, uniform (iteration 1's centre copies) and magnitude perplexity, before GC removes iteration 1."""
     ws = workspace(ref)
-    key = keys.baselines_report_key()
-    if not is_committed(ws.store, key):
+
+    def produce() -> dict:
         heldout, geo = ws.heldout(), ws.model.geometry
         reader = ws.reader(1)
         model, logits = ws.forward_model()
@@ -47,8 +47,9 @@ def evaluate_baselines(ref: RunRef) -> dict:
         model, logits = ws.forward_model()
         apply_layout(model, magnitude_layout(model, geo, reader.sublayers), geo)
         report["magnitude_ppl"] = perplexity(model, heldout, logits_fn=logits)
-        commit_bytes(ws.store, key, dumps(report), ws.config.artefact_hash())
-    return read_json(ws.store, key)
+        return report
+
+    return commit_json_once(ws.store, keys.baselines_report_key(), produce, ws.config.artefact_hash())
 
 
 @task(
@@ -59,21 +60,21 @@ def evaluate_baselines(ref: RunRef) -> dict:
 def evaluate(ref: RunRef, iteration: int) -> dict:
     """Held-out perplexity and parameter counts of the searched model, next to the baselines."""
     ws = workspace(ref)
-    key = keys.final_report_key(iteration)
-    if not is_committed(ws.store, key):
+
+    def produce() -> dict:
         best = best_iteration(ws.store, iteration)
         layout = final_layout(ws, iteration)
         model, logits = ws.forward_model()
         apply_layout(model, layout, ws.model.geometry)
-        report = {
+        return {
             "iteration": best,
             "tyr_ppl": perplexity(model, ws.heldout(), logits_fn=logits),
             "tyr_params": layout_params(ws.model.config, layout),
             "baselines": read_json(ws.store, keys.baselines_report_key()),
             "sparsities": read_json(ws.store, keys.result_key(best))["sparsities"],
         }
-        commit_bytes(ws.store, key, dumps(report), ws.config.artefact_hash())
-    return read_json(ws.store, key)
+
+    return commit_json_once(ws.store, keys.final_report_key(iteration), produce, ws.config.artefact_hash())
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

@@ -3,6 +3,7 @@ last."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from prefect import task
 
 from tyr_core import keys
 from tyr_core.export import save_compact, save_masked, save_nemotron, write_sparsity_report
-from tyr_core.store import commit_bytes, commit_file, is_committed, read_json
-from tyr_runtime.workspace import RunRef, dumps, workspace
+from tyr_core.store import canonical_json, commit_file, commit_once
+from tyr_runtime.workspace import RunRef, workspace
 
 from .evaluate import final_layout
 from .policies import IO_RETRIES, artefact_cache_key
@@ -23,8 +24,8 @@ EXPORTERS = {"compact": save_compact, "masked": save_masked, "nemotron-nas": sav
 def export(ref: RunRef, iteration: int, fmt: str) -> dict:
     """Write one export format into the store under ``final/<fmt>/`` (each file committed; marker last)."""
     ws = workspace(ref)
-    marker = keys.export_marker_key(fmt)
-    if not is_committed(ws.store, marker):
+
+    def produce() -> bytes:
         layout = final_layout(ws, iteration)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / fmt
@@ -34,5 +35,7 @@ def export(ref: RunRef, iteration: int, fmt: str) -> dict:
             files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
             for name in files:
                 commit_file(ws.store, keys.export_file_key(fmt, name), out / name, ws.config.artefact_hash())
-        commit_bytes(ws.store, marker, dumps({"files": files}), ws.config.artefact_hash())
-    return {"format": fmt, "prefix": keys.export_prefix(fmt), "files": read_json(ws.store, marker)["files"]}
+        return canonical_json({"files": files})
+
+    marker = commit_once(ws.store, keys.export_marker_key(fmt), produce, ws.config.artefact_hash())
+    return {"format": fmt, "prefix": keys.export_prefix(fmt), "files": json.loads(marker)["files"]}

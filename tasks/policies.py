@@ -1,20 +1,22 @@
 """What every task shares: which failures are retried, and the cache key that makes a task's result the run's.
 
-Idempotence comes twice: a task whose artefact's manifest exists returns at once (new flow runs of the same run id),
-and task results are persisted under a cache key of the run (id, store, incarnation) + artefact key, so the UI's
-Retry of the same flow run shows finished tasks as ``Cached``.
+Whether an artefact is still to be computed is decided by ``tyr_core.store.remaining``: a task computes it through
+``commit_once`` (new flow runs of the same run id recompute nothing committed), and the cache key below is the same
+answer as Prefect sees it: task results are persisted under the run (id, store, incarnation) + artefact key, so the
+UI's Retry of the same flow run shows finished tasks as ``Cached``.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from prefect.serializers import JSONSerializer
 
-from tyr_core import keys
 from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentialsError, StoreError, TyrError
-from tyr_core.grid import Sublayer
-from tyr_runtime.workspace import cache_scope
+from tyr_core.store import remaining
+from tyr_runtime.workspace import RunRef, cache_scope, workspace
 
 CODE_VERSION = "2"  # 2: JSON results (1 pickled them). Bump when a task's output for the same key changes meaning
 
@@ -44,11 +46,11 @@ IO_RETRIES = dict(
 )
 
 
-def artefact_cache_key(key_fn):
+def artefact_cache_key(key_fn: Callable[[dict[str, Any]], str]) -> Callable[[Any, dict[str, Any]], str]:
     """Cache key = run (id, store, incarnation) + artefact key: stable across Retry of the same flow run and across
     new flow runs of the run, never shared with another store's run of that id or a deleted run's."""
 
-    def cache_key(context, params) -> str:
+    def cache_key(context: Any, params: dict[str, Any]) -> str:
         key = key_fn(params)
         base = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{key}".replace("/", "_")
         if is_committed_all(params["ref"], key) or not _has_result(context, base):
@@ -59,7 +61,7 @@ def artefact_cache_key(key_fn):
     return cache_key
 
 
-def _has_result(context, key: str) -> bool:
+def _has_result(context: Any, key: str) -> bool:
     store = getattr(context, "result_store", None)
     try:
         return bool(store is not None and store.exists(key))
@@ -67,15 +69,7 @@ def _has_result(context, key: str) -> bool:
         return True
 
 
-def is_committed_all(ref, key: str) -> bool:
+def is_committed_all(ref: RunRef, key: str) -> bool:
     """Whether every artefact a task's cache key names is committed: ``key`` is an artefact key, several joined by
-    '+', or an export prefix (its file list commits it)."""
-    from tyr_core.store import is_committed
-    from tyr_runtime.workspace import workspace
-
-    store = workspace(ref).store
-    return all(is_committed(store, p + keys.EXPORT_MARKER if p.endswith("/") else p) for p in key.split("+"))
-
-
-def plan_sublayers(plan: dict) -> list[Sublayer]:
-    return [Sublayer(**s) for s in plan["sublayers"]]
+    '+', or an export prefix."""
+    return not remaining(workspace(ref).store, *key.split("+"))

@@ -8,9 +8,9 @@ from prefect import task
 from tyr_core import keys
 from tyr_core.grid import recentre
 from tyr_core.search import SearchState, initial_state, run_generation
-from tyr_core.store import commit_bytes, is_committed, read_json, read_verified
+from tyr_core.store import commit_json_once, commit_once, read_json, read_verified
 from tyr_runtime import ray_engine, worker_steps
-from tyr_runtime.workspace import RunRef, dumps, workspace
+from tyr_runtime.workspace import RunRef, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
 from .reports import iteration_markdown, publish_markdown
@@ -24,14 +24,15 @@ from .reports import iteration_markdown, publish_markdown
 def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
     """One generation of the sparsity-shift search, resumed from the previous committed state."""
     ws = workspace(ref)
-    key = keys.search_state_key(iteration, generation)
-    if not is_committed(ws.store, key):
+
+    def produce() -> bytes:
         state = _previous_state(ws, iteration, generation)
         evaluate, (n_windows, seq_len) = _evaluator(ref, iteration, state.parent)  # offspring share the parent's layers
         genes = ws.reader(iteration).sublayers
-        state = run_generation(state, genes, evaluate, ws.config.search, n_windows, seq_len)
-        commit_bytes(ws.store, key, state.model_dump_json().encode(), ws.config.artefact_hash())
-    state = SearchState.model_validate_json(read_verified(ws.store, key))
+        return run_generation(state, genes, evaluate, ws.config.search, n_windows, seq_len).model_dump_json().encode()
+
+    key = keys.search_state_key(iteration, generation)
+    state = SearchState.model_validate_json(commit_once(ws.store, key, produce, ws.config.artefact_hash()))
     return {"generation": state.generation, "fitness": state.parent_fitness, "parent": state.parent}
 
 
@@ -65,11 +66,11 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
     """The iteration's winner: per-sublayer sparsity, its fitness on every validation window (which picks the
     run's final model across iterations), and the centres of the next (halved) interval."""
     ws = workspace(ref)
-    key = keys.result_key(iteration)
-    if not is_committed(ws.store, key):
+
+    def produce() -> dict:
         state = _previous_state(ws, iteration, generations + 1)  # the last generation's (the start if there were none)
         subs = ws.reader(iteration).sublayers
-        result = {
+        return {
             "iteration": iteration,
             "levels": state.parent,
             "fitness": state.parent_fitness,
@@ -77,8 +78,8 @@ def recentre_interval(ref: RunRef, iteration: int, generations: int) -> dict:
             "sparsities": {s.name: s.sparsity(lv) for s, lv in zip(subs, state.parent, strict=True)},
             "next_centres": recentre(subs, state.parent),
         }
-        commit_bytes(ws.store, key, dumps(result), ws.config.artefact_hash())
-    result = read_json(ws.store, key)
+
+    result = commit_json_once(ws.store, keys.result_key(iteration), produce, ws.config.artefact_hash())
     history = _previous_state(ws, iteration, generations + 1).history if generations else []
     publish_markdown(
         ref.run_id,

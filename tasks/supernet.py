@@ -7,33 +7,30 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tyr_core import keys
+from tyr_core.grid import IterationPlan
 from tyr_core.pipeline import initial_centres, plan_iteration
-from tyr_core.store import collect_garbage, commit_bytes, is_committed, read_json, read_manifest
+from tyr_core.store import collect_garbage, commit_json_once, read_json, read_manifest
 from tyr_runtime import ray_engine, worker_steps
-from tyr_runtime.workspace import RunRef, dumps, workspace
+from tyr_runtime.workspace import RunRef, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
 
 
 @task(name="plan", cache_key_fn=artefact_cache_key(lambda p: keys.plan_key(p["iteration"])), **IO_RETRIES)
 def plan(ref: RunRef, iteration: int) -> dict:
-    """Centres and level grids of one iteration: uniform at first, then the previous winner (recentring)."""
+    """Centres and level grids of one iteration: uniform at first, then the previous winner (recentring). Its result
+    is the plan artefact's JSON (``IterationPlan.from_json`` types it), as a Cached result reads back too."""
     ws = workspace(ref)
-    key = keys.plan_key(iteration)
-    if not is_committed(ws.store, key):
+
+    def produce() -> dict:
         geo, cfg = ws.model.geometry, ws.config.prune
         if iteration == 1:
             centres = initial_centres(geo, cfg)
         else:
             centres = read_json(ws.store, keys.result_key(iteration - 1))["next_centres"]
-        subs = plan_iteration(geo, cfg, iteration, centres)
-        commit_bytes(
-            ws.store,
-            key,
-            dumps({"iteration": iteration, "sublayers": [vars(s) for s in subs]}),
-            ws.config.artefact_hash(),
-        )
-    return ws.plan(iteration)
+        return IterationPlan(iteration, tuple(plan_iteration(geo, cfg, iteration, centres))).to_json()
+
+    return commit_json_once(ws.store, keys.plan_key(iteration), produce, ws.config.artefact_hash())
 
 
 def _step(ref: RunRef, step: str, *args):
@@ -85,22 +82,22 @@ def supernet_index(ref: RunRef, iteration: int, entries: list[dict]) -> dict:
     if (engine := ray_engine.engine_for(ref)) is not None:
         engine.build("end_build")
     ws.end_build()  # the activations and the last layer's held copies (no accumulate replays it) are not needed again
-    key = keys.supernet_index_key(iteration)
-    if not is_committed(ws.store, key):
-        plan_ = ws.plan(iteration)
-        index = {
+
+    def produce() -> dict:
+        return {
             "iteration": iteration,
             "config_hash": ws.config.artefact_hash(),
             "accumulation": ws.config.prune.accumulation,
-            "sublayers": plan_["sublayers"],
+            "sublayers": ws.plan(iteration)["sublayers"],
             # hashes from the manifests, which are the commit, not from the task results that carried them here
             "copies": sorted(
                 ({**e, "sha256": read_manifest(ws.store, e["key"]).sha256} for e in entries),
                 key=lambda e: (e["layer"], e["kind"], e["level"]),
             ),
         }
-        commit_bytes(ws.store, key, dumps(index), ws.config.artefact_hash())
-    index = read_json(ws.store, key)
+
+    key = keys.supernet_index_key(iteration)
+    index = commit_json_once(ws.store, key, produce, ws.config.artefact_hash())
     return {"key": key, "copies": len(index["copies"]), "bytes": sum(e["bytes"] for e in index["copies"])}
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from tyr_core.errors import GridError
-from tyr_core.grid import build_sublayers, distribute, interval_groups, make_grid, recentre, uniform_centres
+from tyr_core.grid import (
+    IterationPlan,
+    build_sublayers,
+    distribute,
+    interval_groups,
+    make_grid,
+    recentre,
+    uniform_centres,
+)
 
 
 def test_grid_of_nine_levels_is_cut_short_not_shifted():
@@ -51,3 +59,13 @@ def test_recentre_moves_centres_by_the_winning_levels():
     assert sum(centres["attn"]) == 8 and sum(centres["mlp"]) == 64
     with pytest.raises(GridError, match="outside the supernet grid"):
         subs[0].removed(9)
+
+
+def test_an_iteration_plan_round_trips_its_json_and_lists_what_the_build_prunes():
+    subs = build_sublayers({"attn": 4, "mlp": 8}, 2, {"attn": [0, 2], "mlp": [4, 4]}, 0.25, 5)
+    plan = IterationPlan(1, tuple(subs))
+    as_json = {"iteration": 1, "sublayers": [vars(s) for s in subs]}
+    assert plan.to_json() == as_json and IterationPlan.from_json(as_json) == plan
+    assert plan.layers() == [0, 1]
+    assert plan.levels_of(0) == [-2, -1, 0, 1, 2]  # the MLP's grid; attention's is cut short at 0 groups removed
+    assert plan.kinds_at(0, -1) == ["mlp"] and plan.kinds_at(0, 1) == ["attn", "mlp"]

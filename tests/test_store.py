@@ -29,11 +29,14 @@ from tyr_core.store import (
     commit_bytes,
     commit_file,
     commit_json,
+    commit_json_once,
+    commit_once,
     fetch_verified,
     is_committed,
     read_json,
     read_manifest,
     read_verified,
+    remaining,
 )
 
 
@@ -291,6 +294,23 @@ def test_json_helpers_commit_canonical_json(tmp_path):
     first = read_manifest(store, "plan.json")
     again = commit_json(store, "plan.json", {"a": [1, 2], "b": 1}, "cfg")  # same object, other key order: same bytes
     assert again == first and read_json(store, "plan.json") == {"a": [1, 2], "b": 1}
+
+
+def test_commit_once_computes_what_is_not_committed_and_reads_back_what_is(tmp_path):
+    store, calls = FileStore(tmp_path), []
+
+    def produce() -> dict:
+        calls.append(1)
+        return {"b": 1, "a": 2.5}
+
+    assert remaining(store, "r.json", "final/compact/") == ["r.json", "final/compact/"]
+    assert commit_json_once(store, "r.json", produce, "cfg") == {"a": 2.5, "b": 1} and len(calls) == 1
+    assert commit_json_once(store, "r.json", produce, "cfg") == {"a": 2.5, "b": 1} and len(calls) == 1
+    assert read_verified(store, "r.json") == b'{\n "a": 2.5,\n "b": 1\n}'  # commit_json's bytes
+    commit_json(store, keys.export_marker_key("compact"), {"files": []}, "cfg")  # an export is its file list
+    assert remaining(store, "r.json", "final/compact/", "x.bin") == ["x.bin"]
+    assert commit_once(store, "x.bin", lambda: b"payload", "cfg") == b"payload"
+    assert commit_once(store, "x.bin", lambda: b"other", "cfg") == b"payload"  # committed: never produced again
 
 
 def test_corruption_is_detected_and_named(tmp_path):

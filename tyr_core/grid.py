@@ -6,7 +6,8 @@ sparsities (docs/algorithm.md). A level ``l`` of a sublayer means ``centre + l *
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from .errors import GridError
 from .keys import KINDS, Kind, sublayer_name
@@ -130,3 +131,30 @@ def recentre(sublayers: list[Sublayer], levels: list[int]) -> dict[Kind, list[in
     for sub, level in zip(sublayers, levels, strict=True):
         centres[sub.kind].append(sub.removed(level))
     return centres
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """One iteration's genes, as its plan artefact holds them; ``to_json`` gives that artefact's JSON value."""
+
+    iteration: int
+    sublayers: tuple[Sublayer, ...]
+
+    @classmethod
+    def from_json(cls, plan: dict[str, Any]) -> IterationPlan:
+        return cls(plan["iteration"], tuple(Sublayer(**s) for s in plan["sublayers"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "sublayers": [asdict(s) for s in self.sublayers]}
+
+    def layers(self) -> list[int]:
+        """The decoder layers with a gene, in the order the supernet is built."""
+        return sorted({s.layer for s in self.sublayers})
+
+    def levels_of(self, layer: int) -> list[int]:
+        """Every level some sublayer of ``layer`` has in its grid, lowest first."""
+        return sorted({lv for s in self.sublayers if s.layer == layer for lv in s.levels})
+
+    def kinds_at(self, layer: int, level: int) -> list[Kind]:
+        """The sublayers of ``layer`` whose grid has ``level`` (grids are cut short at 0 and 100%), in plan order."""
+        return [s.kind for s in self.sublayers if s.layer == layer and level in s.levels]

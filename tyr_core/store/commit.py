@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +131,46 @@ def commit_file(store: Store, key: str, path: Path, config_hash: str, meta: dict
     return _publish_manifest(store, attempt)
 
 
+def canonical_json(obj: Any) -> bytes:
+    """``obj`` as JSON with sorted keys, so equal objects commit equal bytes."""
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
 def commit_json(store: Store, key: str, obj: Any, config_hash: str, meta: dict | None = None) -> Manifest:
     """Commit ``obj`` as canonical JSON (sorted keys), so equal objects commit equal bytes."""
-    return commit_bytes(store, key, json.dumps(obj, indent=1, sort_keys=True).encode(), config_hash, meta)
+    return commit_bytes(store, key, canonical_json(obj), config_hash, meta)
 
 
 def is_committed(store: Store, key: str) -> bool:
     return store.exists(keys.manifest_key(key))
+
+
+def remaining(store: Store, *artefacts: str) -> list[str]:
+    """Those of ``artefacts`` not committed yet, in order: what a resumed run still has to compute. The tasks
+    (``commit_once``), their Prefect cache keys and the flow's skips all ask this. An export prefix (ending in '/')
+    is committed once its file list is."""
+    return [a for a in artefacts if not is_committed(store, a + keys.EXPORT_MARKER if a.endswith("/") else a)]
+
+
+def commit_once(store: Store, key: str, produce: Callable[[], bytes], config_hash: str) -> bytes:
+    """The committed bytes of ``key``: ``produce``d and committed if the run has not committed them yet, else read
+    back and verified. ``produce`` may commit other artefacts first (an index's shards, an export's files): ``key``
+    commits last, so once it is committed they all are.
+
+    Raises:
+        ArtefactError: another process committed ``key`` with other bytes meanwhile.
+        MissingArtefactError, CorruptArtefactError: as ``read_verified``.
+    """
+    if remaining(store, key):
+        data = produce()
+        commit_bytes(store, key, data, config_hash)  # returns only if what is committed now is ``data``
+        return data
+    return read_verified(store, key)
+
+
+def commit_json_once(store: Store, key: str, produce: Callable[[], Any], config_hash: str) -> Any:
+    """``commit_once`` for a JSON artefact, encoded as ``commit_json`` does; the committed value, parsed."""
+    return _parse_json(store, key, commit_once(store, key, lambda: canonical_json(produce()), config_hash))
 
 
 def read_manifest(store: Store, key: str) -> Manifest:
@@ -203,7 +237,10 @@ def read_verified(store: Store, key: str) -> bytes:
 
 def read_json(store: Store, key: str) -> Any:
     """A committed JSON artefact, verified, parsed."""
-    data = read_verified(store, key)
+    return _parse_json(store, key, read_verified(store, key))
+
+
+def _parse_json(store: Store, key: str, data: bytes) -> Any:
     try:
         return json.loads(data)
     except ValueError as err:
