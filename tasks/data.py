@@ -17,7 +17,7 @@ from tyr_core.fitness import write_teacher_topk
 from tyr_core.pipeline import calibration_split
 from tyr_core.store import commit_file, commit_once
 from tyr_runtime.real_assets import resolve_corpus
-from tyr_runtime.workspace import RunRef, workspace
+from tyr_runtime.workspace import RunRef, Workspace, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
 
@@ -46,12 +46,12 @@ def _safetensors(windows: Callable[[], torch.Tensor]) -> bytes:
     return save({"windows": windows().contiguous()})  # the bytes ``save_file`` writes
 
 
-def _calibration_split(ws) -> tuple[torch.Tensor, torch.Tensor]:
+def _calibration_split(ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = ws.config.calibration
     return calibration_split(cfg.model_copy(update={"files": resolve_corpus(cfg.files)}), ws.tokenizer())
 
 
-def _heldout(ws) -> torch.Tensor:
+def _heldout(ws: Workspace) -> torch.Tensor:
     from tyr_core.calibration import eval_windows, load_documents
 
     ev = ws.config.eval

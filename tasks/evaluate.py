@@ -12,13 +12,14 @@ from tyr_core.export.plot import PNG_NAME
 from tyr_core.param_count import dense_params, layout_params
 from tyr_core.pipeline import apply_layout, magnitude_layout
 from tyr_core.store import best_iteration, commit_json_once, is_committed, read_json
+from tyr_core.sublayer_layout import PrunedLayout
 from tyr_runtime.workspace import RunRef, Workspace, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
 from .reports import publish_markdown, summary_markdown
 
 
-def final_layout(ws: Workspace, last: int):
+def final_layout(ws: Workspace, last: int) -> PrunedLayout:
     """The searched model's layout: the winning levels of the best iteration up to ``last``, from its supernet."""
     best = best_iteration(ws.store, last)
     result = read_json(ws.store, keys.result_key(best))

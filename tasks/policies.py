@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.serializers import JSONSerializer
 
@@ -18,10 +18,14 @@ from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentials
 from tyr_core.store import remaining
 from tyr_runtime.workspace import RunRef, cache_scope, workspace
 
+if TYPE_CHECKING:
+    from prefect import Task
+    from prefect.client.schemas.objects import State, TaskRun
+
 CODE_VERSION = "2"  # 2: JSON results (1 pickled them). Bump when a task's output for the same key changes meaning
 
 
-def _transient(_task, _task_run, state) -> bool:
+def _transient(_task: Task[..., Any], _task_run: TaskRun, state: State) -> bool:
     """Retry storage and device hiccups, never tyr's own errors (bad input, corrupt artefact, refusal)."""
     try:
         error = state.result(raise_on_failure=False)

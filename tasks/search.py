@@ -10,7 +10,7 @@ from tyr_core.grid import recentre
 from tyr_core.search import SearchState, initial_state, run_generation
 from tyr_core.store import commit_json_once, commit_once, read_json, read_verified
 from tyr_runtime import ray_engine, worker_steps
-from tyr_runtime.workspace import RunRef, workspace
+from tyr_runtime.workspace import RunRef, Workspace, workspace
 
 from .policies import IO_RETRIES, artefact_cache_key
 from .reports import iteration_markdown, publish_markdown
@@ -36,7 +36,7 @@ def search_generation(ref: RunRef, iteration: int, generation: int) -> dict:
     return {"generation": state.generation, "fitness": state.parent_fitness, "parent": state.parent}
 
 
-def _previous_state(ws, iteration: int, generation: int) -> SearchState:
+def _previous_state(ws: Workspace, iteration: int, generation: int) -> SearchState:
     if generation > 1:
         prev = keys.search_state_key(iteration, generation - 1)
         return SearchState.model_validate_json(read_verified(ws.store, prev))

@@ -11,7 +11,8 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -104,7 +105,7 @@ def signals_as_interrupt(*signals: signal.Signals) -> Iterator[None]:
     """These signals raise KeyboardInterrupt, so ``kill PID`` unwinds like Ctrl-C: the embedded SeaweedFS is stopped
     and the run's lock released, instead of a server left running on the data folder."""
 
-    def interrupt(_signum, _frame):
+    def interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
@@ -154,7 +155,13 @@ def json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
 
 
-def add_command(sub, name: str, handler: Callable[[argparse.Namespace], int], help_: str, description: str = ""):
+def add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    help_: str,
+    description: str = "",
+) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         name,
         help=help_,

@@ -30,7 +30,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_prune(argparse.Namespace(**{**vars(args), **fields}), copy_always=True)
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(
         sub,
         "demo",

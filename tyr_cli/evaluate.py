@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import add_command, one_line, out_console, positive_int, print_json, refusing
 from .progress import quiet_libraries
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def load_model_for_eval(source: str, dtype_name: str, trust_remote_code: bool):
+
+def load_model_for_eval(
+    source: str, dtype_name: str, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
     """(model, tokenizer, folder) of a local HF folder, a GGUF file, a hub name, or a tyr compact export."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(
         sub,
         "eval",

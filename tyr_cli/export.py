@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tyr_core import keys
 from tyr_runtime.run_status import EXPORT_FORMATS, finished_iteration
@@ -15,6 +16,9 @@ from tyr_runtime.run_status import EXPORT_FORMATS, finished_iteration
 from .common import add_command, err_console, out_console, print_json, refusing, store_flags
 from .location import StoreLocation, existing_run_store, open_location
 from .progress import quiet_libraries
+
+if TYPE_CHECKING:
+    from tyr_core.store import Store
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -45,7 +49,7 @@ def produce_export(location: StoreLocation, run_id: str, iteration: int, fmt: st
     export.fn(RunRef(run_id=run_id, store_url=location.url, endpoint_url=location.endpoint_url), iteration, fmt)
 
 
-def download_export(store, fmt: str, dest: Path) -> list[str]:
+def download_export(store: Store, fmt: str, dest: Path) -> list[str]:
     """Copy a committed export into ``dest``, every file verified; a failed download leaves ``dest`` as it was."""
     from tyr_core.store import fetch_verified, read_json
 
@@ -63,7 +67,7 @@ def download_export(store, fmt: str, dest: Path) -> list[str]:
     return files
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(
         sub,
         "export",

@@ -7,11 +7,15 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tyr_core import keys
 from tyr_core.errors import ConfigError
 
 from .common import environment, err_console, refusing
+
+if TYPE_CHECKING:
+    from tyr_core.store import Store
 
 
 @dataclass(frozen=True)
@@ -22,12 +26,12 @@ class StoreLocation:
     endpoint_url: str | None = None
     embedded: bool = False
 
-    def base(self):
+    def base(self) -> Store:
         from tyr_runtime.storage import open_store
 
         return open_store(self.url, self.endpoint_url)
 
-    def run(self, run_id: str):
+    def run(self, run_id: str) -> Store:
         from tyr_runtime.storage import run_store
 
         return run_store(self.url, run_id, endpoint_url=self.endpoint_url)
@@ -64,7 +68,7 @@ def start_embedded(stack: contextlib.ExitStack, data_dir: Path | None = None) ->
     return StoreLocation(s3.store_url, s3.endpoint_url, embedded=True)
 
 
-def existing_run_store(location: StoreLocation, run_id: str):
+def existing_run_store(location: StoreLocation, run_id: str) -> Store:
     """The store of a run that must exist; checked on the base store so that a typo creates nothing."""
     from tyr_runtime.storage import check_run_id
 

@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -16,13 +16,17 @@ from tyr_runtime.run_status import committed_phases
 
 from .common import err_console
 
+if TYPE_CHECKING:
+    from tyr_core.config import RunConfig
+    from tyr_core.store import Store
+
 POLL_SECONDS = 2.0
 
 
 class ProgressPoller(threading.Thread):
     """Drives rich progress bars from the store while the flow runs; cosmetic, so it never breaks the run."""
 
-    def __init__(self, store, config, progress: Progress, live: bool):
+    def __init__(self, store: Store, config: RunConfig, progress: Progress, live: bool):
         super().__init__(daemon=True, name="tyr-progress")
         self.store, self.config, self.progress, self.live = store, config, progress, live
         self.halt = threading.Event()
@@ -54,7 +58,7 @@ class ProgressPoller(threading.Thread):
 
 
 @contextlib.contextmanager
-def progress_bars(store, config, enabled: bool) -> Iterator[None]:
+def progress_bars(store: Store, config: RunConfig, enabled: bool) -> Iterator[None]:
     live = err_console.is_terminal
     columns = (
         TextColumn("{task.description}"),

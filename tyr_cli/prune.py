@@ -8,7 +8,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
@@ -34,6 +34,10 @@ from .export import download_export
 from .location import StoreLocation, open_location
 from .progress import progress_bars, quiet_console
 
+if TYPE_CHECKING:
+    from tyr_core.config import RunConfig
+    from tyr_core.store import Store
+
 
 @dataclass
 class PreparedRun:
@@ -43,10 +47,10 @@ class PreparedRun:
     recipe: str | None
     sparsity: float | None
     overrides: list[str]
-    config: Any
+    config: RunConfig
     run_id: str
     location: StoreLocation
-    store: Any = field(repr=False)
+    store: Store = field(repr=False)
 
 
 def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> PreparedRun:
@@ -78,7 +82,7 @@ def _target_arg(target: str) -> str:
     return str(Path(target).expanduser().resolve()) if is_config_file(target) else target
 
 
-def check_same_config(store, config, run_id: str) -> None:
+def check_same_config(store: Store, config: RunConfig, run_id: str) -> None:
     """A run id that exists resumes, but only with the configuration it was started with."""
     from tyr_core.store import is_committed, read_json
 
@@ -94,7 +98,7 @@ def check_same_config(store, config, run_id: str) -> None:
     err_console.print(f"resuming run [bold]{run_id}[/bold]: committed work is not recomputed")
 
 
-def check_not_running(store, run_id: str) -> None:
+def check_not_running(store: Store, run_id: str) -> None:
     """A second ``tyr prune`` of a run that another live process drives is refused before it starts (exit 1); the
     flow's own lock (tyr_runtime.runs) settles races that slip past this check."""
     lock = lock_holder(store)
@@ -105,7 +109,7 @@ def check_not_running(store, run_id: str) -> None:
         )
 
 
-def check_model(config) -> None:
+def check_model(config: RunConfig) -> None:
     """The model exists, has weights, is a supported family, and the target sparsity is reachable in whole groups."""
     from tyr_core.families import geometry, load_config, resolve_model
     from tyr_core.pipeline import initial_centres
@@ -137,7 +141,7 @@ def check_prefect_api() -> None:
         ) from None
 
 
-def check_text_files(config) -> None:
+def check_text_files(config: RunConfig) -> None:
     """Local calibration and held-out files exist and are not empty (datasets are checked when the run reads them)."""
     from tyr_core.errors import CalibrationError
     from tyr_runtime.real_assets import resolve_corpus
@@ -200,7 +204,7 @@ def _exports_destination(args: argparse.Namespace, run: PreparedRun, copy_always
     return None
 
 
-def deliver_exports(store, exports: list[dict], dest: Path) -> dict[str, Path]:
+def deliver_exports(store: Store, exports: list[dict], dest: Path) -> dict[str, Path]:
     """Copy every committed export format into ``dest/<format>/``; refused formats are skipped."""
     copied = {}
     for export in exports:
@@ -253,7 +257,7 @@ def _print_export_locations(result: dict, copied: dict[str, Path], run: Prepared
             out_console.print(f"{fmt} model: {where} (copy it with: {hint})", highlight=False)
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(
         sub,
         "prune",

@@ -55,7 +55,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     helps = {
         "recipes": "list the recipes, what each costs, and the shorthands",
         "presets": "another name for recipes (the presets it replaced are shorthands now)",

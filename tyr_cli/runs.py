@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
@@ -23,6 +24,9 @@ from .common import (
     store_flags,
 )
 from .location import existing_run_store, open_location
+
+if TYPE_CHECKING:
+    from tyr_core.store import Store
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -49,7 +53,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(store, run_id: str) -> dict:
+def _summary(store: Store, run_id: str) -> dict:
     """The run's detailed summary; an unreadable ``run.json`` is refused (exit 2), like a run that does not exist."""
     with refusing():
         saved = saved_config(store, run_id)
@@ -143,7 +147,7 @@ def cmd_runs_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(sub, "runs", cmd_runs, "list runs; show or garbage-collect one", "List the runs in the store.")
     store_flags(p)
     json_flag(p)

@@ -6,10 +6,14 @@ import argparse
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tyr_core.errors import StoreError
 
 from .common import EPILOG, add_command, err_console, positive_int, print_json, refusing, signals_as_interrupt
+
+if TYPE_CHECKING:
+    from tyr_runtime.seaweed import EmbeddedSeaweed
 
 
 def cmd_store_serve(args: argparse.Namespace) -> int:
@@ -33,7 +37,7 @@ def cmd_store_serve(args: argparse.Namespace) -> int:
     raise StoreError(f"the embedded SeaweedFS exited by itself (status {code}); its log is {server.log}")
 
 
-def announce_server(server, as_json: bool) -> None:
+def announce_server(server: EmbeddedSeaweed, as_json: bool) -> None:
     creds = server.client_options()  # the server's generated pair (kept 0600 in its data folder)
     info = {
         "endpoint_url": server.endpoint_url,
@@ -56,7 +60,7 @@ def announce_server(server, as_json: bool) -> None:
     )
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "store",
         help="the embedded S3 store",

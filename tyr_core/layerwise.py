@@ -322,7 +322,7 @@ def run_block(
 
 
 @contextmanager
-def capture_inputs(modules: dict[str, nn.Linear], on_input: Callable[[str, torch.Tensor], None]):
+def capture_inputs(modules: dict[str, nn.Linear], on_input: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
     """Forward pre-hooks passing each module's input ``(B, T, d_in)`` to ``on_input(name, x)``."""
     handles = [
         m.register_forward_pre_hook(lambda _m, args, name=name: on_input(name, args[0])) for name, m in modules.items()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,8 +37,11 @@ from .supernet import (
     output_linear,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def calibration_windows(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
+
+def calibration_windows(cfg: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """``(N, seq_len)`` calibration token ids, no BOS.
 
     ``packed``: documents joined by EOS, non-overlapping windows, seeded shuffle, first N. ``reference``: the
@@ -57,7 +61,7 @@ def calibration_windows(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
     return torch.stack(pieces)
 
 
-def calibration_split(cfg: CalibrationConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_split(cfg: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
     """``(refit windows, validation windows)``: the copies are refitted on the first, the search scores the second.
 
     Both come from one draw of ``num_windows + validation_windows`` windows, so the refit windows are the same as
@@ -140,7 +144,7 @@ def resident_or_streamed(
     return PrefixForward(model, sublayers, prefix_budget)
 
 
-def prune_settings(cfg: PruneConfig, spill_dir=None, device_budget_bytes: int = 0) -> PruneSettings:
+def prune_settings(cfg: PruneConfig, spill_dir: Path | None = None, device_budget_bytes: int = 0) -> PruneSettings:
     return PruneSettings(
         device_budget_bytes=device_budget_bytes,
         damping=cfg.damping,

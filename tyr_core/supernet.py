@@ -208,7 +208,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def index_entry(sub: Sublayer, level: int, copy: PrunedSublayer, geo: Geometry, key: str, digest: str, size: int):
+def index_entry(
+    sub: Sublayer, level: int, copy: PrunedSublayer, geo: Geometry, key: str, digest: str, size: int
+) -> dict:
     return {
         "name": sub.name,
         "layer": sub.layer,
@@ -414,7 +416,9 @@ class LayerCursor:
         self._blocks, self._hessians, self._cross = None, None, None
         self._problems, self._moved, self._pruned = {}, {}, {}
 
-    def seek(self, layer: int, sublayers: list[Sublayer], load: Callable[[int], dict[Kind, dict[int, PrunedSublayer]]]):
+    def seek(
+        self, layer: int, sublayers: list[Sublayer], load: Callable[[int], dict[Kind, dict[int, PrunedSublayer]]]
+    ) -> None:
         """Replay layers up to ``layer`` with their committed copies (``load(layer)``), e.g. after a restart."""
         if layer < self.layer:
             raise RuntimeError(f"cursor is already past layer {layer} (at {self.layer}); start a new cursor")

@@ -26,12 +26,15 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tyr_core.config import ExecutionConfig
 from tyr_core.errors import ConfigError, SearchError
 
 from .workspace import RunRef
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,9 @@ class Replica:
         self.build_steps += 1
         return getattr(worker_steps, step)(self.ref, *args)
 
-    def search_terms(self, iteration: int, reference: list[int], groups, units: int) -> list:
+    def search_terms(
+        self, iteration: int, reference: list[int], groups: Sequence[tuple[list[int], Sequence[list[int]]]], units: int
+    ) -> list[list[tuple[float, int]]]:
         """``worker_steps.search_terms`` in this process; ``units`` (candidate, shard) pairs are counted."""
         from . import worker_steps
 
@@ -114,12 +119,12 @@ class RayEngine:
     execution: ExecutionConfig
     torch_threads: int | None
     scope: str  # the run's id, store and incarnation: actors of another run, or of a redone run, never match
-    _actors: dict[int, Any] = field(default_factory=dict)
+    _actors: dict[int, ActorHandle] = field(default_factory=dict)
 
     def name(self, index: int) -> str:
         return f"{self.scope}-replica-{index}"
 
-    def actor(self, index: int):
+    def actor(self, index: int) -> ActorHandle:
         """Replica ``index``: the live actor of that name, or a new one."""
         if index not in self._actors:
             ray = _ray()
@@ -137,7 +142,7 @@ class RayEngine:
             ).remote(self.ref, self.torch_threads)
         return self._actors[index]
 
-    def replicas(self) -> list:
+    def replicas(self) -> list[ActorHandle]:
         return [self.actor(i) for i in range(self.execution.replicas)]
 
     def build(self, step: str, *args) -> Any:

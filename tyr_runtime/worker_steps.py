@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tyr_core import keys
-from tyr_core.fitness import TeacherTopK, make_kl_evaluator
+from tyr_core.fitness import KLEvaluator, TeacherTopK, make_kl_evaluator
 from tyr_core.grid import Sublayer
-from tyr_core.store import commit_bytes, is_committed, read_json, read_manifest
+from tyr_core.store import commit_bytes, read_json, read_manifest, remaining
 from tyr_core.supernet import copy_bytes, index_entry
 
 from .workspace import RunRef, Workspace, workspace
@@ -36,14 +36,13 @@ def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
     cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
     shapes = {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
     if len(cursor.devices) > 1:
-        todo = [
-            (s, level)
+        requests = {
+            keys.copy_key(iteration, layer, s.kind, level): (s, level)
             for s in subs
             if s.layer == layer
             for level in s.levels
-            if not is_committed(ws.store, keys.copy_key(iteration, layer, s.kind, level))
-        ]
-        cursor.prune_all(todo)
+        }
+        cursor.prune_all([requests[key] for key in remaining(ws.store, *requests)])
     return shapes
 
 
@@ -55,7 +54,7 @@ def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list
     entries = []
     for kind in kinds:
         key = keys.copy_key(iteration, layer, kind, level)
-        if is_committed(ws.store, key):  # committed by an attempt whose result was lost (killed right after)
+        if not remaining(ws.store, key):  # committed by an attempt whose result was lost (killed right after)
             manifest = read_manifest(ws.store, key)
             entries.append({**manifest.meta, "sha256": manifest.sha256})
             continue
@@ -95,7 +94,7 @@ def teacher(ws: Workspace) -> TeacherTopK:
     return TeacherTopK(ws.cache / "teacher")
 
 
-def search_evaluator(ref: RunRef, iteration: int, reference: list[int]):
+def search_evaluator(ref: RunRef, iteration: int, reference: list[int]) -> KLEvaluator:
     """This process's ``KLEvaluator`` over the iteration's search model, its prefix shared with ``reference``."""
     ws = workspace(ref)
     sm, forward = ws.search_model(iteration)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -21,6 +22,8 @@ from safetensors.torch import load_file
 from tyr_core import keys
 from tyr_core.config import RunConfig, load_run_config
 from tyr_core.families import default_cache_dir, resolve_model
+from tyr_core.grid import Sublayer
+from tyr_core.keys import Kind
 from tyr_core.layerwise import LayerwiseModel
 from tyr_core.pipeline import Placement, check_fits, placement, prune_settings, resident_or_streamed
 from tyr_core.prefix import PrefixForward
@@ -29,6 +32,9 @@ from tyr_core.sublayer_layout import PrunedSublayer
 from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy, stored_tensors
 
 from .storage import run_store
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class RunRef(BaseModel):
@@ -51,7 +57,7 @@ class Workspace:
     _model: LayerwiseModel | None = None
     _cursors: dict[int, LayerCursor] = field(default_factory=dict)
     _search: dict[int, tuple[SupernetModel, PrefixForward]] = field(default_factory=dict)
-    _tokenizer: object | None = None
+    _tokenizer: PreTrainedTokenizerBase | None = None
     _plans: dict[int, dict] = field(default_factory=dict)
     _fresh: dict[str, PrunedSublayer] = field(default_factory=dict)
     _placement: Placement | None = None
@@ -94,7 +100,7 @@ class Workspace:
                 self._model = model
             return self._model
 
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's tokenizer, loaded once per process (calibrate and every export need it; a load is ~1 s)."""
         with self.lock:
             if self._tokenizer is None:
@@ -134,7 +140,7 @@ class Workspace:
         count = max(1, min(self.build_gpus, torch.cuda.device_count() - first))
         return [torch.device("cuda", first + k) for k in range(count)]
 
-    def cursor(self, iteration: int, sublayers) -> LayerCursor:
+    def cursor(self, iteration: int, sublayers: Iterable[Sublayer]) -> LayerCursor:
         with self.lock:
             if iteration not in self._cursors:
                 self.end_build()  # one build at a time: free the previous iteration's activations
@@ -160,7 +166,9 @@ class Workspace:
             self._cursors = {}
             self._fresh = {}
 
-    def copies(self, iteration: int, sublayers, layer: int):
+    def copies(
+        self, iteration: int, sublayers: Iterable[Sublayer], layer: int
+    ) -> dict[Kind, dict[int, PrunedSublayer]]:
         """Committed copies of one layer, by kind and level (for replaying the layer): those this process committed
         and still holds, else from the store (a fresh worker resuming the build). The two are bit-identical."""
 
@@ -243,5 +251,5 @@ def forget(ref: RunRef) -> None:
         _WORKSPACES.pop(ref, None)
 
 
-def dumps(obj) -> bytes:
+def dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
