@@ -1,7 +1,11 @@
 """``execution.engine=ray`` on a real Ray cluster of three loopback nodes (one CPU and one fake GPU each): the tiny
 preset ends with the local run's artefacts, byte for byte, for 1, 2 and 3 replicas; the search's units land on every
 replica; a replica SIGKILLed mid-stage and the build actor SIGKILLed mid-layer are restarted by Ray, the run ends with
-the same artefacts and no committed copy is computed twice; every Prefect task run ends Completed.
+the same artefacts and no committed copy is computed twice; every Prefect task run ends Completed. A flow run of a
+deployment, executed in a process of its own as a worker's runner does (``python -m prefect.engine``), is SIGKILLed
+once its search has begun; its detached replicas live on, and the Retry of that flow run (the UI's request) finds
+them again by name: the same actors, in the same processes, finish the run with the local run's artefacts, nothing
+committed is computed again, and they are released at the end.
 
 Ray advertises the host's address whatever ``--node-ip-address`` says, so the module runs itself again inside a
 network namespace that holds only ``lo`` (``unshare -n``, as root): there the cluster can reach nothing else, and
@@ -28,6 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ray = pytest.importorskip("ray")
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 NODES = 3
 ISOLATED = [name for _, name in socket.if_nameindex()] == ["lo"]  # inside a loopback-only network namespace
 _isolated_only = pytest.mark.skipif(not ISOLATED, reason="runs inside the loopback-only namespace (the module's test)")
@@ -57,7 +62,7 @@ def test_the_ray_tests_in_a_loopback_only_network_namespace():
     print(done.stdout[-6000:], done.stderr[-3000:])
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert "3 passed" in summary and "failed" not in summary, summary  # 1, 3 replicas; 2 with the kills
+    assert "4 passed" in summary and "failed" not in summary, summary  # 1, 3 replicas; 2 with the kills; the Retry
 
 
 def _free_port() -> int:
@@ -195,10 +200,11 @@ class Watcher(threading.Thread):
     """Polls the run's replicas (their info() answers while a step runs), records who did what, and can SIGKILL
     a replica once a condition holds."""
 
-    def __init__(self, replicas: int, kills: list[tuple[int, object]] = ()):
+    def __init__(self, replicas: int, kills: list[tuple[int, object]] = (), prefix: str = ""):
         super().__init__(daemon=True)
-        self.replicas, self.kills = replicas, list(kills)
+        self.replicas, self.kills, self.prefix = replicas, list(kills), prefix
         self.seen: dict[tuple[int, int], dict] = {}  # (replica, pid) -> its last info
+        self.actor_ids: set[tuple[int, str]] = set()  # (replica, actor id) of every actor that answered
         self.killed: list[tuple[int, int]] = []
         self.stop = threading.Event()
 
@@ -206,12 +212,13 @@ class Watcher(threading.Thread):
         while not self.stop.is_set():
             for r in range(self.replicas):
                 try:
-                    name = next(a for a in _actors() if a.endswith(f"-replica-{r}"))
+                    name = next(a for a in _actors() if a.startswith(self.prefix) and a.endswith(f"-replica-{r}"))
                     handle = ray.get_actor(name, namespace="tyr")
                     info = ray.get(handle.info.options(concurrency_group="info").remote(), timeout=10)
                 except Exception:  # not created yet, or restarting
                     continue
                 self.seen[(r, info["pid"])] = info
+                self.actor_ids.add((r, handle._actor_id.hex()))
                 for kill in list(self.kills):
                     replica, condition = kill
                     if replica == r and condition(info):
@@ -268,11 +275,13 @@ def test_killed_replica_and_build_actor_are_restarted_without_recomputing(cluste
         assert len({pid for r, pid in watcher.seen if r == replica}) >= 2, watcher.seen.keys()
     committed = [k for info in watcher.seen.values() for k in info["committed"]]
     assert committed and len(committed) == len(set(committed))  # no committed copy computed twice
-    _check_task_runs_completed(state)
+    _check_task_runs_completed(state.state_details.flow_run_id)
 
 
-def _check_task_runs_completed(state) -> None:
-    """Every task run of the flow run and of its iteration subflows ended Completed in the Prefect API."""
+def _check_task_runs_completed(flow_run_id, retried_at=None) -> None:
+    """Every task run of the flow run and of its iteration subflows ended Completed in the Prefect API. With
+    ``retried_at`` (the flow run was retried then): every task run of the Retry, and every earlier one but what the
+    killed attempt left in flight (one task at most: it keeps the state it had, as Prefect leaves it)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -280,7 +289,6 @@ def _check_task_runs_completed(state) -> None:
 
     async def task_runs():
         async with get_client() as client:
-            flow_run_id = state.state_details.flow_run_id
             subflows = await client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
             )
@@ -293,6 +301,149 @@ def _check_task_runs_completed(state) -> None:
             return runs
 
     runs = asyncio.run(task_runs())
+    if retried_at is not None:
+        in_flight = [r for r in runs if r.created < retried_at and r.state_type.value != "COMPLETED"]
+        assert len(in_flight) <= 1 and all(r.state_type.value in ("PENDING", "RUNNING") for r in in_flight), [
+            (r.name, r.state_type) for r in in_flight
+        ]
+        runs = [r for r in runs if r.created >= retried_at]
     names = {r.name.rsplit("-", 1)[0] for r in runs}
     assert {"layer-stats", "local-prune", "accumulate", "search-generation"} <= names, names
     assert all(r.state_type.value == "COMPLETED" for r in runs), [(r.name, r.state_type) for r in runs]
+
+
+ENTRYPOINT = "flows/tyr.py:tyr"
+
+
+def _flow_run_of_a_deployment(parameters: dict):
+    """A flow run of a deployment of the ``tyr`` flow (one with no work pool: this test is its worker), Scheduled.
+    Prefect reschedules (retries) only the runs of a deployment."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("tyr")
+        deployment = client.create_deployment(flow_id=flow_id, name="ray-retry", entrypoint=ENTRYPOINT, path=str(REPO))
+        return client.create_flow_run_from_deployment(deployment, parameters=parameters).id
+
+
+def _execute(flow_run_id, log: Path) -> subprocess.Popen:
+    """Execute the flow run in a process of its own (and its own process group), as a worker's runner does:
+    ``python -m prefect.engine`` with the run's id and entrypoint in its environment."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RAY_ADDRESS"))} | {
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT__FLOW_RUN_ID": str(flow_run_id),
+        "PREFECT__FLOW_ENTRYPOINT": ENTRYPOINT,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect.engine"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _gcs_actors(prefix: str) -> dict[str, dict]:
+    """The GCS's actor table (dead actors included) for the actors whose name starts with ``prefix``, by actor id."""
+    from ray._private import state
+
+    return {aid: a for aid, a in state.actors().items() if a["Name"].startswith(prefix)}
+
+
+def _manifest_times(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*.manifest.json")}
+
+
+@inside
+def test_retry_after_a_killed_flow_process_reattaches_to_the_live_replicas(cluster, local_run, tmp_path):
+    """The flow run's process is SIGKILLed (its whole process group, as a dying node's) once both replicas exist:
+    iteration 1's supernet is committed and its search has begun. The replicas are detached: they outlive their
+    driver. The run is marked Crashed (what zombie detection does) and retried as the UI's Retry does (AwaitingRetry,
+    not forced); executed again with the same flow run id, it finds the replicas by name: the same two actors, in the
+    same processes, never restarted, finish iteration 1's search and do all of iteration 2; no copy is committed
+    twice and nothing committed before the kill is committed again; the run ends with the local run's artefacts,
+    every task run of the retry Completed, and the actors released."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import AwaitingRetry, Crashed
+
+    from tyr_core import keys
+    from tyr_core.store import FileStore, is_committed
+
+    run_id, run_dir, log = "T", tmp_path / "runs" / "T", tmp_path / "flow.log"
+    parameters = {
+        "preset": "tiny-test",
+        "run_id": run_id,
+        "store_url": f"file://{tmp_path}",
+        "overrides": _ray_overrides(cluster, 2),
+    }
+    flow_run_id = _flow_run_of_a_deployment(parameters)
+    watcher = Watcher(2, prefix=f"{run_id}-")
+    watcher.start()
+    proc = _execute(flow_run_id, log)
+    try:
+        deadline = time.monotonic() + 1200
+        while {r for r, _ in watcher.seen} != {0, 1}:  # replica 1 is created by the search's first pool
+            assert proc.poll() is None, f"the flow process ended ({proc.returncode}):\n{log.read_text()[-6000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-6000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow process and anything it started
+        proc.wait(timeout=60)  # reaped: the run's lock names a dead process
+        store = FileStore(str(run_dir))
+        assert is_committed(store, keys.supernet_index_key(1)) and not is_committed(store, keys.result_key(1))
+
+        time.sleep(3)  # the cluster has seen its driver go
+        before = _gcs_actors(f"{run_id}-")
+        assert len(before) == 2 and all(a["State"] == "ALIVE" for a in before.values()), before
+        assert {a["NumRestarts"] for a in before.values()} == {0}, before
+        pids = {a["Pid"] for a in before.values()}
+        assert {pid for _, pid in watcher.seen} == pids  # the processes that did the work so far
+        assert {aid for _, aid in watcher.actor_ids} == set(before)
+        units = {}  # what each replica has done so far: they answer, the killed driver took nothing with it
+        for a in before.values():
+            info = ray.get(ray.get_actor(a["Name"], namespace="tyr").info.options(concurrency_group="info").remote())
+            units[info["pid"]] = (info["units"], len(info["committed"]))
+        committed_before = _manifest_times(run_dir)
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Crashed(message="its process was killed"), force=True)
+            retry = client.set_flow_run_state(flow_run_id, AwaitingRetry(message="Retry from the UI"), force=False)
+            assert retry.status == SetStateStatus.ACCEPT, retry
+            retried_at = client.read_flow_run(flow_run_id).state.timestamp
+        proc = _execute(flow_run_id, log)
+        assert proc.wait(timeout=1500) == 0, log.read_text()[-6000:]
+    finally:
+        watcher.stop.set()
+        watcher.join()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for name in [a for a in _actors() if a.startswith(f"{run_id}-")]:  # a failed test leaves no actor behind
+            ray.kill(ray.get_actor(name, namespace="tyr"), no_restart=True)
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+    assert flow_run.state.type == StateType.COMPLETED and flow_run.run_count == 2, flow_run.state
+    # the same two actors, in the same processes, did the retry's work: none was created or restarted for it
+    assert {pid for _, pid in watcher.seen} == pids, watcher.seen.keys()
+    assert {aid for _, aid in watcher.actor_ids} == set(before), watcher.actor_ids
+    after = _gcs_actors(f"{run_id}-")
+    assert set(after) == set(before) and {a["NumRestarts"] for a in after.values()} == {0}, after
+    done = {pid: (info["units"], len(info["committed"])) for (_, pid), info in watcher.seen.items()}
+    assert all(done[pid] > units[pid] for pid in pids), (units, done)  # each went on working after the Retry
+    # no copy computed and committed twice, and nothing committed before the kill committed again
+    committed = [k for info in watcher.seen.values() for k in info["committed"]]
+    assert committed and len(committed) == len(set(committed)), committed
+    committed_after = _manifest_times(run_dir)
+    assert committed_before and all(committed_after[k] == t for k, t in committed_before.items())
+    assert _artefacts(run_dir) == local_run
+    _check_task_runs_completed(flow_run_id, retried_at)
+    # released at the end: the actors are dead and their names free
+    assert all(a["State"] == "DEAD" for a in after.values()), after
+    assert not [a for a in _actors() if a.startswith(f"{run_id}-")]
