@@ -87,9 +87,9 @@ def tyr(
 
 
 def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
-    """An iteration's result: committed already (its recentre task returns it), or from its subflow, run or resumed."""
-    if not remaining(workspace(ref).store, keys.result_key(iteration)):
-        return recentre_interval(ref, iteration, generations)
+    """An iteration's result from its subflow, called even when the result is committed: a retried flow run pairs
+    its subflow calls with the earlier subflow runs by their order, so skipping one would hand the next iteration the
+    skipped one's result."""
     with without_heartbeats():
         return iteration_flow(ref, iteration, generations)
 
@@ -101,6 +101,8 @@ def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
 )
 def iteration_flow(ref: RunRef, iteration: int, generations: int) -> dict:
     """One iteration: the supernet around the current centres, then the sparsity-shift search and the recentring."""
+    if not remaining(workspace(ref).store, keys.result_key(iteration)):
+        return recentre_interval(ref, iteration, generations)  # committed: its recentre task returns it
     grid = IterationPlan.from_json(plan(ref, iteration))
     if remaining(workspace(ref).store, keys.supernet_index_key(iteration)):
         build_supernet(ref, grid)

@@ -3,9 +3,9 @@ preset ends with the local run's artefacts, byte for byte, for 1, 2 and 3 replic
 replica; a replica SIGKILLed mid-stage and the build actor SIGKILLed mid-layer are restarted by Ray, the run ends with
 the same artefacts and no committed copy is computed twice; every Prefect task run ends Completed. A flow run of a
 deployment, executed in a process of its own as a worker's runner does (``python -m prefect.engine``), is SIGKILLed
-once its search has begun; its detached replicas live on, and the Retry of that flow run (the UI's request) finds
-them again by name: the same actors, in the same processes, finish the run with the local run's artefacts, nothing
-committed is computed again, and they are released at the end.
+during its second iteration's build; its detached replicas live on, and the Retry of that flow run (the UI's
+request) finds them again by name: the same actors, in the same processes, finish the run with the local run's
+artefacts, nothing committed is computed again, and they are released at the end.
 
 Ray advertises the host's address whatever ``--node-ip-address`` says, so the module runs itself again inside a
 network namespace that holds only ``lo`` (``unshare -n``, as root): there the cluster can reach nothing else, and
@@ -361,11 +361,12 @@ def _manifest_times(root: Path) -> dict[str, int]:
 
 @inside
 def test_retry_after_a_killed_flow_process_reattaches_to_the_live_replicas(cluster, local_run, tmp_path):
-    """The flow run's process is SIGKILLed (its whole process group, as a dying node's) once both replicas exist:
-    iteration 1's supernet is committed and its search has begun. The replicas are detached: they outlive their
+    """The flow run's process is SIGKILLed (its whole process group, as a dying node's) once iteration 2's build has
+    committed a copy: iteration 1 is finished, both replicas exist. The replicas are detached: they outlive their
     driver. The run is marked Crashed (what zombie detection does) and retried as the UI's Retry does (AwaitingRetry,
     not forced); executed again with the same flow run id, it finds the replicas by name: the same two actors, in the
-    same processes, never restarted, finish iteration 1's search and do all of iteration 2; no copy is committed
+    same processes, never restarted, finish iteration 2 (not iteration 1's result handed back for it: a Retry pairs
+    subflow calls with earlier subflow runs by their order); no copy is committed
     twice and nothing committed before the kill is committed again; the run ends with the local run's artefacts,
     every task run of the retry Completed, and the actors released."""
     from prefect.client.orchestration import get_client
@@ -389,14 +390,19 @@ def test_retry_after_a_killed_flow_process_reattaches_to_the_live_replicas(clust
     proc = _execute(flow_run_id, log)
     try:
         deadline = time.monotonic() + 1200
-        while {r for r, _ in watcher.seen} != {0, 1}:  # replica 1 is created by the search's first pool
+
+        def in_iteration_2() -> bool:  # replica 1 is created by the search's first pool
+            copies = [k for info in watcher.seen.values() for k in info["committed"]]
+            return {r for r, _ in watcher.seen} == {0, 1} and any(k.startswith("iter-2/") for k in copies)
+
+        while not in_iteration_2():
             assert proc.poll() is None, f"the flow process ended ({proc.returncode}):\n{log.read_text()[-6000:]}"
             assert time.monotonic() < deadline, log.read_text()[-6000:]
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)  # the flow process and anything it started
         proc.wait(timeout=60)  # reaped: the run's lock names a dead process
         store = FileStore(str(run_dir))
-        assert is_committed(store, keys.supernet_index_key(1)) and not is_committed(store, keys.result_key(1))
+        assert is_committed(store, keys.result_key(1)) and not is_committed(store, keys.supernet_index_key(2))
 
         time.sleep(3)  # the cluster has seen its driver go
         before = _gcs_actors(f"{run_id}-")
