@@ -85,7 +85,7 @@ def main() -> None:
     local_s, local_scores = _timed(local, pools, windows)
     forget(ref)
     report = {
-        "preset": args.preset,
+        "run": args.preset if not args.store else f"{ws.config.model.source} at {ws.config.prune.target_sparsity}",
         "units": units,
         "unit": "one candidate on one batch of 4 windows",
         "local_ms_per_unit": round(1000 * local_s / units, 3),
