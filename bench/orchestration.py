@@ -16,7 +16,8 @@ production setup: ``docker/compose.yaml``), else SQLite; ``--database`` picks on
 locked database is answered 503 and the client retries ~2 s later, which the flow times then include.
 
 ``--preset smollm2-demo --repeats 1 --overhead-only --no-warmup`` measures the overhead on the real model instead
-(minutes a run; without the warmup run the flow runs first, so any first-run cost is the flow's).
+(minutes a run; without the warmup run the flow runs first, so any first-run cost is the flow's); ``--niced-only``
+measures only the set with the server at nice 19.
 
 Prints JSON lines.  python bench/orchestration.py [--database postgres|sqlite] [--preset P] [--repeats N]
 """
@@ -339,23 +340,24 @@ def resume_cost(api: httpx.Client, store: str, run_id: str, settle: bool) -> dic
 
 
 class PruneClock:
-    """Wall seconds spent in ``LayerCursor.prune`` (the local pruner's compute, the same calls in both paths): where
-    the flow's ops wait at OpenMP barriers when the server deschedules torch's second thread (``torch_threads``)."""
+    """Wall seconds spent in ``LayerCursor._prune_on`` (the local pruner's compute: the flow reaches it through
+    ``prune``, the core path through ``prune_all``): where the flow's ops wait at OpenMP barriers when the server
+    deschedules torch's second thread (``torch_threads``)."""
 
     def __init__(self) -> None:
         from tyr_core.supernet import LayerCursor
 
         self.seconds = 0.0
-        prune = LayerCursor.prune
+        prune_on = LayerCursor._prune_on
 
-        def timed(cursor, sub, level):
+        def timed(cursor, sub, level, k):
             t0 = time.perf_counter()
             try:
-                return prune(cursor, sub, level)
+                return prune_on(cursor, sub, level, k)
             finally:
                 self.seconds += time.perf_counter() - t0
 
-        LayerCursor.prune = timed
+        LayerCursor._prune_on = timed
 
     def lap(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
@@ -422,6 +424,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="alternated (flow, core) pairs per set (default 5)")
     parser.add_argument("--overhead-only", action="store_true", help="only the overhead at normal priority")
     parser.add_argument(
+        "--niced-only", action="store_true", help="only the overhead with the server at nice 19 (its own host, roughly)"
+    )
+    parser.add_argument(
         "--no-services",
         action="store_true",
         help="the server without its background services (a probe: it records no task runs, so no UI of them)",
@@ -435,17 +440,20 @@ def main() -> None:
         if not args.no_warmup:
             # model conversion and texts are ready afterwards
             flow_seconds(store, "warmup", args.preset, args.overrides)
-        # the server (its CPU per flow run is reported) shares this host's 2 cores with the flow
-        measured = overhead(api, store, "measured", args.preset, args.repeats, args.overrides, clock)
-        emit(metric="orchestration_overhead", **measured)
-        if args.overhead_only:
-            return
+        if not args.niced_only:
+            # the server (its CPU per flow run is reported) shares this host's cores with the flow
+            measured = overhead(api, store, "measured", args.preset, args.repeats, args.overrides, clock)
+            emit(metric="orchestration_overhead", **measured)
+            if args.overhead_only:
+                return
         # the same with the server at the lowest CPU priority: what the flow costs when the server's work does not
         # compete with it, as in a deployment where the server runs on a host of its own
         for pgid in api.server_pgids:
             os.setpriority(os.PRIO_PGRP, pgid, 19)
         niced = overhead(api, store, "niced", args.preset, args.repeats, args.overrides, clock)
         emit(metric="orchestration_overhead_server_niced", **niced)
+        if args.niced_only:
+            return
         rerun = flow_seconds(store, "measured-0", args.preset, args.overrides)
         emit(metric="rerun_committed_run", seconds=round(rerun, 1))
         emit(metric="resume_right_after_kill", **resume_cost(api, store, "resume-now", settle=False))
