@@ -18,13 +18,14 @@ import pytest
 
 from tyr_core.errors import StoreError
 from tyr_core.store import commit_bytes, read_verified
-from tyr_runtime.seaweed import EmbeddedSeaweed, _is_weed_of
+from tyr_runtime.seaweed import EmbeddedSeaweed
+from tyr_runtime.seaweed_host import is_weed_of
 
 _USER = """
 import sys, time
 import tyr_runtime.seaweed as sw
 if sys.argv[2] == "orphan":  # as if the death signal were unavailable (not Linux): leases and the pid file must do
-    sw._child_setup = lambda parent: (lambda: None)
+    sw.child_setup = lambda parent: (lambda: None)
 server = sw.EmbeddedSeaweed(sys.argv[1]).start()
 print(server.proc.pid if server.proc else server._joined_pid, server.endpoint_url, flush=True)
 time.sleep(600)
@@ -34,7 +35,7 @@ time.sleep(600)
 def weed_pids(data: Path) -> list[int]:
     """Every live ``weed`` serving ``data``."""
     data = data.resolve()
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_weed_of(int(p.name), data)]
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and is_weed_of(int(p.name), data)]
 
 
 def leases(data: Path) -> list[str]:
@@ -56,9 +57,9 @@ def kill(proc: subprocess.Popen) -> None:
 
 def wait_gone(pid: int, data: Path, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
-    while _is_weed_of(pid, data.resolve()) and time.monotonic() < deadline:
+    while is_weed_of(pid, data.resolve()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not _is_weed_of(pid, data.resolve())
+    return not is_weed_of(pid, data.resolve())
 
 
 def round_trip(writer: EmbeddedSeaweed, reader: EmbeddedSeaweed, key: str) -> None:
@@ -156,7 +157,7 @@ def test_an_orphan_whose_users_were_all_killed_is_stopped_by_the_next_start(tmp_
     assert weed_pids(data) == [pid] and len(leases(data)) == 2  # a server nobody uses any more, and two stale leases
     with EmbeddedSeaweed(data) as server:
         assert not server.joined and server.proc.pid != pid
-        assert not _is_weed_of(pid, data.resolve()) and weed_pids(data) == [server.proc.pid]
+        assert not is_weed_of(pid, data.resolve()) and weed_pids(data) == [server.proc.pid]
         round_trip(server, server, "a.json")
     assert weed_pids(data) == [] and leases(data) == []
 

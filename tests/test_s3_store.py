@@ -311,7 +311,7 @@ def test_the_retry_header_is_read_with_or_without_its_ttl():
 def test_embedded_seaweed_refuses_a_disk_too_full_to_write(tmp_path, monkeypatch):
     gib = 2**30
     nearly_full = type(shutil.disk_usage(tmp_path))(total=200 * gib, used=198 * gib, free=2 * gib)
-    monkeypatch.setattr("tyr_runtime.seaweed.shutil.disk_usage", lambda path: nearly_full)
+    monkeypatch.setattr("tyr_runtime.seaweed_host.shutil.disk_usage", lambda path: nearly_full)
     server = EmbeddedSeaweed(tmp_path / "weed")
     with pytest.raises(StoreError, match=r"weed is on a disk with 2.00 GiB free of 200.00 GiB.*Free at least 0.25 GiB"):
         server.start()
@@ -599,7 +599,7 @@ _OWNER = """
 import sys, time
 import tyr_runtime.seaweed as sw
 if sys.argv[2] == "orphan":  # as if the death signal were unavailable (not Linux): the pid file must do
-    sw._child_setup = lambda parent: (lambda: None)
+    sw.child_setup = lambda parent: (lambda: None)
 server = sw.EmbeddedSeaweed(sys.argv[1]).start()
 print(server.proc.pid, flush=True)
 time.sleep(600)

