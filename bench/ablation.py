@@ -45,7 +45,8 @@ from tyr_core.pipeline import (  # noqa: E402
     prune_settings,
     run_iteration_local,
 )
-from tyr_core.supernet import SupernetBuild, SupernetReader, build_supernet  # noqa: E402
+from tyr_core.supernet import SupernetReader  # noqa: E402
+from tyr_core.supernet_build import SupernetBuild, build_supernet  # noqa: E402
 from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 # The smollm2-50 protocol: 128 x 512 calibration windows, 2 iterations x 8 generations x 16 offspring.

@@ -32,7 +32,8 @@ from tyr_core.layerwise import Activations, run_block  # noqa: E402
 from tyr_core.local_prune import prepare  # noqa: E402
 from tyr_core.prefix import PrefixForward  # noqa: E402
 from tyr_core.streaming import BlockStreamer, weight_bytes  # noqa: E402
-from tyr_core.supernet import PruneSettings, expected_weight, layer_stats, output_linear, prune_copy  # noqa: E402
+from tyr_core.supernet import output_linear  # noqa: E402
+from tyr_core.supernet_build import PruneSettings, expected_weight, layer_stats, prune_copy  # noqa: E402
 
 LLAMA_8B = dict(
     hidden_size=4096,

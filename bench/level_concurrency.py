@@ -27,7 +27,7 @@ def main() -> None:
     from tyr_core.families import resolve_model
     from tyr_core.layerwise import LayerwiseModel
     from tyr_core.pipeline import calibration_windows, initial_centres, plan_iteration, prune_settings
-    from tyr_core.supernet import LayerCursor
+    from tyr_core.supernet_build import LayerCursor
     from tyr_runtime.real_assets import resolve_corpus
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

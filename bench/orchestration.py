@@ -345,7 +345,7 @@ class PruneClock:
     deschedules torch's second thread (``torch_threads``)."""
 
     def __init__(self) -> None:
-        from tyr_core.supernet import LayerCursor
+        from tyr_core.supernet_build import LayerCursor
 
         self.seconds = 0.0
         prune_on = LayerCursor._prune_on

@@ -38,7 +38,8 @@ from tyr_core.pipeline import (  # noqa: E402
 )
 from tyr_core.prefix import PrefixForward  # noqa: E402
 from tyr_core.search import initial_state, run_generation  # noqa: E402
-from tyr_core.supernet import SupernetBuild, SupernetModel, SupernetReader, build_supernet  # noqa: E402
+from tyr_core.supernet import SupernetModel, SupernetReader  # noqa: E402
+from tyr_core.supernet_build import SupernetBuild, build_supernet  # noqa: E402
 from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 

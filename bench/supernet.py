@@ -31,7 +31,8 @@ from tyr_core.pipeline import (  # noqa: E402
     plan_iteration,
     prune_settings,
 )
-from tyr_core.supernet import SupernetBuild, SupernetReader, build_supernet  # noqa: E402
+from tyr_core.supernet import SupernetReader  # noqa: E402
+from tyr_core.supernet_build import SupernetBuild, build_supernet  # noqa: E402
 from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works  # noqa: E402
 
 

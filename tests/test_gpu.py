@@ -20,7 +20,8 @@ from tyr_core.layerwise import LayerwiseModel
 from tyr_core.prefix import PrefixForward
 from tyr_core.search import SearchConfig, initial_state, run_generation
 from tyr_core.streaming import BlockStreamer
-from tyr_core.supernet import PruneSettings, SupernetBuild, SupernetModel, SupernetReader, build_supernet
+from tyr_core.supernet import SupernetModel, SupernetReader
+from tyr_core.supernet_build import PruneSettings, SupernetBuild, build_supernet
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -10,14 +10,8 @@ from safetensors.torch import save_file
 
 from tyr_core.grid import build_sublayers
 from tyr_core.layerwise import Activations, LayerwiseModel, ShardedActivations, embed_windows
-from tyr_core.supernet import (
-    LayerCursor,
-    PruneSettings,
-    SupernetBuild,
-    build_supernet,
-    layer_stats,
-    stored_tensors,
-)
+from tyr_core.supernet import stored_tensors
+from tyr_core.supernet_build import LayerCursor, PruneSettings, SupernetBuild, build_supernet, layer_stats
 
 CENTRES = {"attn": [2, 2], "mlp": [64, 64]}
 CPU = torch.device("cpu")

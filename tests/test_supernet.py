@@ -11,17 +11,8 @@ from tyr_core.errors import CorruptArtefactError, MissingArtefactError
 from tyr_core.grid import build_sublayers
 from tyr_core.layerwise import Activations, LayerwiseModel, embed_windows, run_block
 from tyr_core.sublayer_layout import scatter_columns
-from tyr_core.supernet import (
-    LayerCursor,
-    PruneSettings,
-    SupernetBuild,
-    SupernetModel,
-    SupernetReader,
-    build_supernet,
-    load_copy,
-    output_linear,
-    save_copy,
-)
+from tyr_core.supernet import SupernetModel, SupernetReader, load_copy, output_linear, save_copy
+from tyr_core.supernet_build import LayerCursor, PruneSettings, SupernetBuild, build_supernet
 
 CENTRES = {"attn": [2, 2], "mlp": [64, 64]}
 
@@ -225,7 +216,7 @@ def test_mlp_statistics_after_attention_see_the_expected_attention(tiny_folder, 
     block = lm.block(0)
     lin = output_linear(block, "attn")
     with torch.no_grad():
-        from tyr_core.supernet import expected_weight, layer_stats
+        from tyr_core.supernet_build import expected_weight, layer_stats
 
         lin.weight.copy_(expected_weight(subs[0], copies, lin.weight.detach(), lm.geometry, "expectation"))
     inputs = Activations((24, 32, 64), torch.float32, 1 << 30, None)

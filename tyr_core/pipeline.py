@@ -27,15 +27,8 @@ from .local_prune import magnitude_prune
 from .prefix import PrefixForward
 from .streaming import BlockStreamer, weight_bytes
 from .sublayer_layout import PrunedLayout, scatter_columns
-from .supernet import (
-    Progress,
-    PruneSettings,
-    SupernetBuild,
-    SupernetModel,
-    SupernetReader,
-    build_supernet,
-    output_linear,
-)
+from .supernet import SupernetModel, SupernetReader, output_linear
+from .supernet_build import Progress, PruneSettings, SupernetBuild, build_supernet
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

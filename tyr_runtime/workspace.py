@@ -29,7 +29,8 @@ from tyr_core.pipeline import Placement, check_fits, placement, prune_settings, 
 from tyr_core.prefix import PrefixForward
 from tyr_core.store import Store, fetch_verified, hash_file, read_json, read_manifest
 from tyr_core.sublayer_layout import PrunedSublayer
-from tyr_core.supernet import LayerCursor, SupernetModel, SupernetReader, load_copy, stored_tensors
+from tyr_core.supernet import SupernetModel, SupernetReader, load_copy, stored_tensors
+from tyr_core.supernet_build import LayerCursor
 
 from .storage import run_store
 
