@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rich import box
 from rich.table import Table
 
 from .common import add_command, out_console, print_json
@@ -30,18 +31,25 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         shorthands = {n: vars(s) for n, s in SHORTHANDS.items()}
         print_json({"recipes": rows, "shorthands": shorthands, "model_aliases": MODEL_ALIASES})
         return 0
-    table = Table(title="recipes (tyr prune MODEL --sparsity S --recipe NAME)")
-    columns = ("recipe", "for", "iterations x generations x offspring", "levels", "calibration tokens", "teacher")
-    for column in columns:
-        table.add_column(column, no_wrap=column == "recipe")
+    table = Table(title="recipes (tyr prune MODEL --sparsity S --recipe NAME)", box=box.SIMPLE_HEAD)
+    for column in ("recipe", "search", "levels", "calibration", "teacher"):
+        table.add_column(column, no_wrap=True)
     for r in rows:
-        search = f"{r['iterations']} x {r['generations']} x {r['offspring']} = {r['offspring_evaluations']:,}"
-        calibration = f"{r['calibration_tokens']:,} ({_short_source(r['calibration_source'])})"
-        teacher = f"top-{r['teacher_topk']} on {r['teacher_windows'] or 'all'} windows"
         table.add_row(
-            r["name"], f"{r['description']} ({r['dtype']})", search, str(r["supernet_levels"]), calibration, teacher
+            r["name"],
+            f"{r['iterations']} x {r['generations']} x {r['offspring']}",
+            str(r["supernet_levels"]),
+            f"{r['calibration_tokens']:,} {_short_source(r['calibration_source'])}",
+            f"top-{r['teacher_topk']} x {r['teacher_windows'] or 'all'}",
         )
     out_console.print(table)
+    out_console.print(
+        "search: iterations x generations x offspring; levels: copies per sublayer; calibration: tokens and text; "
+        "teacher: top-k logits x windows kept",
+        highlight=False,
+    )
+    for r in rows:
+        out_console.print(f"  {r['name']} ({r['dtype']}): {r['description']}", highlight=False)
     defaults = ", ".join(f"{m}: {r}" for m, r in DEFAULT_RECIPES.items())
     out_console.print(f"default recipe: {defaults}; any other model: {DEFAULT_RECIPE}", highlight=False)
     shorthands = Table(title="shorthands (tyr prune NAME)")
