@@ -49,9 +49,9 @@ def build(where: str, layers: int) -> dict:
             for level in sorted({lv for s in subs for lv in range(s["lo"], s["hi"] + 1)}):
                 kinds = [s["kind"] for s in subs if s["lo"] <= level <= s["hi"]]
                 if where == "flow-thread":
-                    local_prune.fn(ref, 1, layer, level, kinds)
+                    local_prune.fn(ref, 1, layer, {level: kinds})
                 else:
-                    pool.submit(local_prune.fn, ref, 1, layer, level, kinds).result()
+                    pool.submit(local_prune.fn, ref, 1, layer, {level: kinds}).result()
             accumulate.fn(ref, 1, layer)
         wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
         pool.shutdown()

@@ -3,6 +3,8 @@ iteration subflows' settings, where a layer's local prunes run, and an export th
 
 from __future__ import annotations
 
+import itertools
+
 from prefect import get_run_logger
 from prefect.context import SettingsContext, get_settings_context
 from prefect.settings import Settings
@@ -22,22 +24,24 @@ def use_torch_threads(threads: int | None) -> None:
 
 
 def local_prunes(ref: RunRef, iteration: int, layer: int, kinds: dict[int, list[str]]) -> list[dict]:
-    """The local-prune tasks of one layer (``kinds``: the sublayers to prune at each level), ``concurrent_prunes`` at
-    a time through the task runner; their index entries, in level order.
+    """The local-prune tasks of one layer (``kinds``: the sublayers to prune at each level): ``concurrent_prunes``
+    tasks at once through the task runner, each a consecutive share of the levels; their index entries, in level
+    order.
 
-    With ``concurrent_prunes=1`` (the default) they run in the flow's own thread instead. A task-runner thread that
-    runs torch gets an OpenMP team of its own, and once the process has more OpenMP threads than cores, libgomp stops
-    spinning at its barriers: every parallel region of every op, in every thread, then waits for workers to wake up.
-    On CPU that made the SmolLM2 build 1.16x as long, with 25x the context switches (``python bench/prune_thread.py``).
+    With ``concurrent_prunes=1`` (the default) the layer's one task runs in the flow's own thread instead. A
+    task-runner thread that runs torch gets an OpenMP team of its own, and once the process has more OpenMP threads
+    than cores, libgomp stops spinning at its barriers: every parallel region of every op, in every thread, then waits
+    for workers to wake up. On CPU that made the SmolLM2 build 1.16x as long, with 25x the context switches
+    (``python bench/prune_thread.py``).
     """
-    at_once, levels, entries = workspace(ref).config.concurrent_prunes, list(kinds), []
-    for batch in (levels[i : i + at_once] for i in range(0, len(levels), at_once)):
-        if at_once == 1:
-            entries += local_prune(ref, iteration, layer, batch[0], kinds[batch[0]])
-        else:
-            futures = [local_prune.submit(ref, iteration, layer, lv, kinds[lv]) for lv in batch]
-            entries += [entry for f in futures for entry in f.result()]
-    return entries
+    levels = list(kinds)
+    at_once = max(1, min(workspace(ref).config.concurrent_prunes, len(levels)))
+    bounds = [len(levels) * i // at_once for i in range(at_once + 1)]
+    shares = [{lv: kinds[lv] for lv in levels[lo:hi]} for lo, hi in itertools.pairwise(bounds)]
+    if at_once == 1:
+        return local_prune(ref, iteration, layer, shares[0])
+    futures = [local_prune.submit(ref, iteration, layer, share) for share in shares]
+    return [entry for future in futures for entry in future.result()]
 
 
 # No heartbeats of its own for an iteration subflow: it runs in the run's process and thread, so the run's heartbeat

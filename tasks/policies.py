@@ -8,6 +8,7 @@ UI's Retry of the same flow run shows finished tasks as ``Cached``.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,10 @@ IO_RETRIES = dict(
 )
 
 
+# the result is stored under its cache key, as a file name (at most 255 bytes) or an object key
+MAX_CACHE_KEY_CHARS = 200
+
+
 def artefact_cache_key(key_fn: Callable[[dict[str, Any]], str]) -> Callable[[Any, dict[str, Any]], str]:
     """Cache key = run (id, store, incarnation) + artefact key: stable across Retry of the same flow run and across
     new flow runs of the run, never shared with another store's run of that id or a deleted run's."""
@@ -57,6 +62,8 @@ def artefact_cache_key(key_fn: Callable[[dict[str, Any]], str]) -> Callable[[Any
     def cache_key(context: Any, params: dict[str, Any]) -> str:
         key = key_fn(params)
         base = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{key}".replace("/", "_")
+        if len(base) > MAX_CACHE_KEY_CHARS:  # a layer's many copy keys: the digest of them, not a file name too long
+            base = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{hashlib.sha256(key.encode()).hexdigest()}"
         if is_committed_all(params["ref"], key) or not _has_result(context, base):
             return base  # committed (Retry: Cached), or never computed (its result is stored under this key)
         # a result is cached but the artefact is gone (deleted, e.g. after it was found corrupt): compute it again

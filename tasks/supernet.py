@@ -49,20 +49,22 @@ def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
 
 
 def _copy_keys(params: dict) -> str:
-    return "+".join(keys.copy_key(params["iteration"], params["layer"], k, params["level"]) for k in params["kinds"])
+    it, layer = params["iteration"], params["layer"]
+    return "+".join(keys.copy_key(it, layer, k, lv) for lv, kinds in params["levels"].items() for k in kinds)
 
 
 @task(name="local-prune", cache_key_fn=artefact_cache_key(_copy_keys), **IO_RETRIES)
-def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list[str]) -> list[dict]:
-    """One layer at one level: a compact pruned copy of each of its sublayers in ``kinds`` (those whose grid has
-    the level), each committed; returns their index entries.
+def local_prune(ref: RunRef, iteration: int, layer: int, levels: dict[int, list[str]]) -> list[dict]:
+    """One layer at some of its levels (``levels``: level -> the sublayers whose grid has it): a compact pruned copy
+    of each, each committed; returns their index entries, in level order.
 
-    One task for a layer's attention and MLP at a level rather than one per sublayer halves the task runs (720 per
-    iteration of a 70B model, 80 layers x 9 levels, instead of 1,440) and with them the orchestration cost, not the
-    parallelism: the flow submits a layer's levels together, ``concurrent_prunes`` at a time. Each copy commits on
-    its own, so a retried task skips the committed one.
+    One task holds a share of a layer's levels (all of them with ``concurrent_prunes=1``), not one level: a small
+    model's copy takes a fraction of a second, about what a task run costs in states, events and logs, here and on the
+    server. Each copy commits on its own, so a retried task skips the committed ones.
     """
-    return _step(ref, "local_prune", iteration, layer, level, kinds)
+    return [
+        entry for level, kinds in levels.items() for entry in _step(ref, "local_prune", iteration, layer, level, kinds)
+    ]
 
 
 @task(name="accumulate", cache_policy=NO_CACHE)

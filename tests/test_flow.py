@@ -65,7 +65,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     index = read_json(run, keys.supernet_index_key(2))
     entry = index["copies"][-1]
     ref = RunRef(run_id="t1", store_url=url)
-    assert local_prune.fn(ref, 2, entry["layer"], entry["level"], [entry["kind"]]) == [entry]
+    assert local_prune.fn(ref, 2, entry["layer"], {entry["level"]: [entry["kind"]]}) == [entry]
 
     before = _manifests(run_dir)
     again = tyr(preset="tiny-test", run_id="t1", store_url=url)

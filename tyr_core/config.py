@@ -211,7 +211,8 @@ class RunConfig(_Strict):
         1,
         ge=1,
         le=MAX_CONCURRENT_PRUNES,
-        description="local-prune tasks of one layer that run at once; 1 on a CPU, where one prune uses every core",
+        description="local-prune tasks that share one layer's levels and run at once; 1 on a CPU, where one prune "
+        "uses every core",
     )
     torch_threads: int | None = Field(
         None,
