@@ -55,16 +55,22 @@ IO_RETRIES = dict(
 MAX_CACHE_KEY_CHARS = 200
 
 
-def artefact_cache_key(key_fn: Callable[[dict[str, Any]], str]) -> Callable[[Any, dict[str, Any]], str]:
-    """Cache key = run (id, store, incarnation) + artefact key: stable across Retry of the same flow run and across
-    new flow runs of the run, never shared with another store's run of that id or a deleted run's."""
+def artefact_cache_key(
+    key_fn: Callable[[dict[str, Any]], str | list[str]],
+) -> Callable[[Any, dict[str, Any]], str]:
+    """Cache key = run (id, store, incarnation) + the task's artefact keys (``key_fn``: one, a list, or an export
+    prefix): stable across Retry of the same flow run and across new flow runs of the run, never shared with another
+    store's run of that id or a deleted run's."""
 
     def cache_key(context: Any, params: dict[str, Any]) -> str:
-        key = key_fn(params)
-        base = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{key}".replace("/", "_")
-        if len(base) > MAX_CACHE_KEY_CHARS:  # a layer's many copy keys: the digest of them, not a file name too long
-            base = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}-{hashlib.sha256(key.encode()).hexdigest()}"
-        if is_committed_all(params["ref"], key) or not _has_result(context, base):
+        found = key_fn(params)
+        artefacts = [found] if isinstance(found, str) else found
+        named = " ".join(artefacts)  # no artefact key holds a space ('+' is in every positive level's copy key)
+        scope = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}"
+        base = f"{scope}-{named}".replace("/", "_").replace(" ", ",")
+        if len(base) > MAX_CACHE_KEY_CHARS:  # a layer's many copy keys: their digest, not a file name too long
+            base = f"{scope}-{hashlib.sha256(named.encode()).hexdigest()}"
+        if is_committed_all(params["ref"], artefacts) or not _has_result(context, base):
             return base  # committed (Retry: Cached), or never computed (its result is stored under this key)
         # a result is cached but the artefact is gone (deleted, e.g. after it was found corrupt): compute it again
         return f"{base}-redo-{uuid.uuid4().hex}"
@@ -80,7 +86,6 @@ def _has_result(context: Any, key: str) -> bool:
         return True
 
 
-def is_committed_all(ref: RunRef, key: str) -> bool:
-    """Whether every artefact a task's cache key names is committed: ``key`` is an artefact key, several joined by
-    '+', or an export prefix."""
-    return not remaining(workspace(ref).store, *key.split("+"))
+def is_committed_all(ref: RunRef, artefacts: list[str]) -> bool:
+    """Whether every artefact a task's cache key names (artefact keys, or an export prefix) is committed."""
+    return not remaining(workspace(ref).store, *artefacts)

@@ -48,9 +48,9 @@ def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
     return _step(ref, "layer_stats", iteration, layer)
 
 
-def _copy_keys(params: dict) -> str:
+def _copy_keys(params: dict) -> list[str]:
     it, layer = params["iteration"], params["layer"]
-    return "+".join(keys.copy_key(it, layer, k, lv) for lv, kinds in params["levels"].items() for k in kinds)
+    return [keys.copy_key(it, layer, k, lv) for lv, kinds in params["levels"].items() for k in kinds]
 
 
 @task(name="local-prune", cache_key_fn=artefact_cache_key(_copy_keys), **IO_RETRIES)

@@ -31,3 +31,22 @@ def test_a_deleted_artefact_gets_a_fresh_cache_key_and_a_committed_one_a_stable_
     assert redo != first and "-redo-" in redo and cache_key(context, params) != redo  # computed again
     commit_json(workspace(ref).store, keys.plan_key(1), {"plan": 1}, "cfg")
     assert cache_key(context, params) == first
+
+
+def test_a_layers_copies_are_one_short_cache_key_stable_once_all_are_committed(tmp_path):
+    ref = open_run(resolve_config("tiny-test"), "ck", f"file://{tmp_path}", None)
+    release_run(ref)
+    copies = [keys.copy_key(1, 0, kind, level) for level in range(-4, 5) for kind in ("attn", "mlp")]  # '+' in 8
+    cache_key = artefact_cache_key(lambda p: copies)
+    params = {"ref": ref}
+    stored: set[str] = set()
+    context = SimpleNamespace(result_store=SimpleNamespace(exists=lambda key: key in stored))
+
+    first = cache_key(context, params)
+    assert len(first) <= 200  # a file name in the result storage
+    stored.add(first)
+    for key in copies[:-1]:
+        commit_json(workspace(ref).store, key, {}, "cfg")
+    assert "-redo-" in cache_key(context, params)  # one copy missing: the task runs again
+    commit_json(workspace(ref).store, copies[-1], {}, "cfg")
+    assert cache_key(context, params) == first  # all committed, positive levels included: Retry shows it Cached
