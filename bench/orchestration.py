@@ -3,7 +3,8 @@
 - overhead: the flow (Prefect tasks, subflows, store commits, artifacts) vs the same work done with the plain core
   functions (calibration, teacher, iterations, baselines, exports, final evaluation), best of alternated repeats and
   the median of (flow, core) pairs (each pair's order alternates), the CPU the server spent per flow run, and the
-  seconds each path spent in the local pruner's compute; once with the server sharing this host's cores at normal
+  seconds each path spent in the local pruner's compute, and each path's seconds by phase (the flow's from its task
+  runs' run times, the rest of its wall time as ``between``); once with the server sharing this host's cores at normal
   priority, once with it at nice 19 (standing in for a server on a host of its own); ``--set section.field=value``
   changes the run's config for both paths (``--set torch_threads=null``: torch's default thread count instead of the
   tiny preset's 1);
@@ -81,6 +82,8 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
     from tyr_runtime.real_assets import resolve_corpus
 
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    lap = Lap(phases)
     cfg = resolve_config(preset, overrides=overrides)
     use_torch_threads(cfg.torch_threads)  # as the flow does
     folder = resolve_model(cfg.model.source)
@@ -89,6 +92,7 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
     windows = calibration_windows(cal, tok)
     heldout = eval_windows(tok, load_documents(resolve_corpus(cfg.eval.files)), cfg.eval.seq_len)
     heldout = heldout[: cfg.eval.max_windows]
+    lap("calibrate")
     lm = LayerwiseModel(folder)
     geo = lm.geometry
 
@@ -104,10 +108,12 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
         work / "t",
         cfg.teacher.windows_per_shard,
     )
+    lap("teacher")
     centres = initial_centres(geo, cfg.prune)
     for it in range(1, cfg.prune.iterations + 1):
         res = run_iteration_local(folder, windows, TeacherTopK(work / "t"), cfg, it, centres, work)
         centres = res.next_centres
+        lap.split({"build": res.supernet_s}, rest="search")  # search: its model, generations, validation
         if it == 1:  # the flow's evaluate-baselines
             reader = SupernetReader(work / "iter-1")
             model = dense()
@@ -117,24 +123,80 @@ def core_seconds(preset: str = "tiny-test", overrides: list[str] | None = None) 
             model = dense()
             apply_layout(model, magnitude_layout(model, geo, reader.sublayers), geo)
             report["magnitude_ppl"] = perplexity(model, heldout)
+            lap("baselines")
     layout = SupernetReader(work / f"iter-{cfg.prune.iterations}").layout(res.levels)
     exporters = {"compact": save_compact, "masked": save_masked}
     for fmt in cfg.export.formats:
         exporters[fmt](dense(), layout, work / fmt, tokenizer=tok)
         if cfg.export.plot:
             write_sparsity_report(lm.config, layout, work / fmt)
+    lap("export")
     model = dense()
     apply_layout(model, layout, geo)
     report |= {"tyr_ppl": perplexity(model, heldout), "tyr_params": layout_params(lm.config, layout)}
-    return time.perf_counter() - t0
+    lap("evaluate")
+    return time.perf_counter() - t0, phases
 
 
-def flow_seconds(store: str, run_id: str, preset: str = "tiny-test", overrides: list[str] | None = None) -> float:
+class Lap:
+    """Adds the seconds since the last lap to ``phases[name]``."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases, self.last = phases, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def split(self, parts: dict[str, float], rest: str) -> None:
+        """Seconds since the last lap, of which ``parts`` were timed inside; what is left goes to ``rest``."""
+        for name, seconds in parts.items():
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self.last += sum(parts.values())
+        self(rest)
+
+
+# the flow's task runs by phase, as the core path's laps name them (plan and supernet-index: the build's bookkeeping)
+FLOW_PHASES = {
+    "calibrate": "calibrate",
+    "teacher": "teacher",
+    "plan": "build",
+    "layer-stats": "build",
+    "local-prune": "build",
+    "accumulate": "build",
+    "supernet-index": "build",
+    "search-generation": "search",
+    "recentre": "search",  # the winner's validation fitness
+    "evaluate-baselines": "baselines",
+    "export": "export",
+    "evaluate": "evaluate",
+}
+
+
+def flow_seconds(
+    store: str,
+    run_id: str,
+    preset: str = "tiny-test",
+    overrides: list[str] | None = None,
+    api: httpx.Client | None = None,
+) -> tuple[float, dict[str, float]]:
+    """The flow's wall seconds and, given the server's ``api``, its task runs' seconds by phase (the rest of the wall
+    time, between and around task runs, is the phase ``between``)."""
     from flows.tyr import tyr
 
     t0 = time.perf_counter()
-    tyr(preset=preset, run_id=run_id, store_url=store, overrides=overrides)
-    return time.perf_counter() - t0
+    state = tyr(preset=preset, run_id=run_id, store_url=store, overrides=overrides, return_state=True)
+    total = time.perf_counter() - t0
+    state.result()  # raises if the run failed
+    phases: dict[str, float] = {}
+    if api is not None:
+        for run in task_runs(api, str(state.state_details.flow_run_id)):
+            phase = FLOW_PHASES.get(run["name"].rsplit("-", 1)[0])
+            if phase is not None and run["total_run_time"]:
+                phases[phase] = phases.get(phase, 0.0) + run["total_run_time"]
+        phases["between"] = total - sum(phases.values())
+    return total, phases
 
 
 def store_throughput() -> dict:
@@ -340,24 +402,27 @@ def resume_cost(api: httpx.Client, store: str, run_id: str, settle: bool) -> dic
 
 
 class PruneClock:
-    """Wall seconds spent in ``LayerCursor._prune_on`` (the local pruner's compute: the flow reaches it through
-    ``prune``, the core path through ``prune_all``): where the flow's ops wait at OpenMP barriers when the server
-    deschedules torch's second thread (``torch_threads``)."""
+    """Wall seconds spent in the local pruner's compute, ``prepare`` (a sublayer's damped H, G, H^-1) and
+    ``prune_copy`` (one copy), which both paths call the same way: the flow through its local-prune tasks, the core
+    path through ``prune_all``. Where the flow's ops wait at OpenMP barriers when the server deschedules torch's
+    second thread (``torch_threads``), this grows with them."""
 
     def __init__(self) -> None:
-        from tyr_core.supernet_build import LayerCursor
+        from tyr_core import supernet_build
 
         self.seconds = 0.0
-        prune_on = LayerCursor._prune_on
+        for name in ("prepare", "prune_copy"):
+            setattr(supernet_build, name, self._timed(getattr(supernet_build, name)))
 
-        def timed(cursor, sub, level, k):
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return prune_on(cursor, sub, level, k)
+                return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - t0
 
-        LayerCursor._prune_on = timed
+        return timed
 
     def lap(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
@@ -372,19 +437,24 @@ def overhead(
     median of (flow, core) pairs, not one run. The pairs take turns at which runs first (flow-core, core-flow, ...),
     so a steady drift favours neither."""
     flows, cores, server_cpu, flow_prunes, core_prunes = [], [], [], [], []
+    flow_phases, core_phases = [], []
 
     def run_flow(r: int) -> None:
         wait_until_idle(api.server_pgids)
         before = cpu_seconds(api.server_pgids)
         clock.lap()
-        flows.append(flow_seconds(store, f"{label}-{r}", preset, overrides))
+        seconds, phases = flow_seconds(store, f"{label}-{r}", preset, overrides, api)
+        flows.append(seconds)
+        flow_phases.append(phases)
         flow_prunes.append(clock.lap())
         wait_until_idle(api.server_pgids)  # the server's leftover work must not slow the next run
         server_cpu.append(cpu_seconds(api.server_pgids) - before)
 
     def run_core() -> None:
         clock.lap()
-        cores.append(core_seconds(preset, overrides))
+        seconds, phases = core_seconds(preset, overrides)
+        cores.append(seconds)
+        core_phases.append(phases)
         core_prunes.append(clock.lap())
 
     for r in range(repeats):
@@ -410,7 +480,15 @@ def overhead(
             "flow": round(statistics.median(flow_prunes), 3),
             "core": round(statistics.median(core_prunes), 3),
         },
+        "phases_s_median": {
+            "flow": median_phases(flow_phases),
+            "core": median_phases(core_phases),
+        },
     }
+
+
+def median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {name: round(statistics.median(run.get(name, 0.0) for run in runs), 1) for name in runs[0]}
 
 
 def main() -> None:
@@ -454,7 +532,7 @@ def main() -> None:
         emit(metric="orchestration_overhead_server_niced", **niced)
         if args.niced_only:
             return
-        rerun = flow_seconds(store, "measured-0", args.preset, args.overrides)
+        rerun, _ = flow_seconds(store, "measured-0", args.preset, args.overrides)
         emit(metric="rerun_committed_run", seconds=round(rerun, 1))
         emit(metric="resume_right_after_kill", **resume_cost(api, store, "resume-now", settle=False))
         emit(metric="resume_after_kill", **resume_cost(api, store, "resume", settle=True))
