@@ -65,9 +65,9 @@ def artefact_cache_key(
     def cache_key(context: Any, params: dict[str, Any]) -> str:
         found = key_fn(params)
         artefacts = [found] if isinstance(found, str) else found
-        named = " ".join(artefacts)  # no artefact key holds a space ('+' is in every positive level's copy key)
+        named = ",".join(artefacts).replace("/", "_")  # no artefact key holds a ','; '+' is in positive levels' keys
         scope = f"tyr-{CODE_VERSION}-{cache_scope(params['ref'])}"
-        base = f"{scope}-{named}".replace("/", "_").replace(" ", ",")
+        base = f"{scope}-{named}"
         if len(base) > MAX_CACHE_KEY_CHARS:  # a layer's many copy keys: their digest, not a file name too long
             base = f"{scope}-{hashlib.sha256(named.encode()).hexdigest()}"
         if is_committed_all(params["ref"], artefacts) or not _has_result(context, base):

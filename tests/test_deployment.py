@@ -68,17 +68,21 @@ def _flow_run_processes() -> list[int]:
     return pids
 
 
+def _kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
 def _kill(worker: subprocess.Popen, flow_runs: tuple[int, ...] = ()) -> None:
     """SIGKILL the worker and every flow-run process: what a dying node does to a run. ``flow_runs``, found
     beforehand, die first, without the time a search of /proc takes."""
     for pid in flow_runs:
-        os.kill(pid, signal.SIGKILL)
+        _kill_pid(pid)
     os.killpg(worker.pid, signal.SIGKILL)
     for pid in _flow_run_processes():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_pid(pid)
     worker.wait(timeout=30)
 
 
