@@ -138,13 +138,12 @@ def test_chunks_are_dealt_in_turn_and_layer_stats_sums_them_in_order(tiny_folder
     assert torch.equal(got, want)
 
 
-def _worker_build(tmp_path, name: str, devices: list[torch.device], monkeypatch) -> tuple[dict, list]:
-    """Iteration 1's build through the worker steps (what a Ray build actor runs), on ``devices``."""
+def _worker_run(tmp_path, name: str, devices: list[torch.device], monkeypatch):
+    """A tiny-test run's workspace with its calibration and iteration 1's plan committed, building on ``devices``."""
     from flows.recipes import resolve_config
     from tyr_core import keys
     from tyr_core.pipeline import initial_centres, plan_iteration
     from tyr_core.store import commit_bytes, commit_file
-    from tyr_runtime import worker_steps
     from tyr_runtime import workspace as workspace_module
     from tyr_runtime.storage import run_store
     from tyr_runtime.workspace import RunRef, Workspace, dumps
@@ -160,14 +159,31 @@ def _worker_build(tmp_path, name: str, devices: list[torch.device], monkeypatch)
     geo = ws.model.geometry
     subs = plan_iteration(geo, ws.config.prune, 1, initial_centres(geo, ws.config.prune))
     commit_bytes(ws.store, keys.plan_key(1), dumps({"iteration": 1, "sublayers": [vars(s) for s in subs]}), "cfg")
+    return ref, ws, subs
+
+
+def _build_steps(ref, subs, layers: range) -> list[dict]:
+    """The flow's build steps for ``layers`` of iteration 1 (what a Ray build actor is sent); their index entries."""
+    from tyr_runtime import worker_steps
+
+    last = max(s.layer for s in subs)
     entries = []
-    for layer in range(geo.num_layers):
+    for layer in layers:
         worker_steps.layer_stats(ref, 1, layer)
         for level in sorted({lv for s in subs if s.layer == layer for lv in s.levels}):
             kinds = [s.kind for s in subs if s.layer == layer and level in s.levels]
             entries += worker_steps.local_prune(ref, 1, layer, level, kinds)
-        if layer < geo.num_layers - 1:
+        if layer < last:
             worker_steps.accumulate(ref, 1, layer)
+    return entries
+
+
+def _worker_build(tmp_path, name: str, devices: list[torch.device], monkeypatch) -> tuple[dict, list]:
+    """Iteration 1's build through the worker steps (what a Ray build actor runs), on ``devices``."""
+    from tyr_runtime import worker_steps
+
+    ref, ws, subs = _worker_run(tmp_path, name, devices, monkeypatch)
+    entries = _build_steps(ref, subs, range(ws.model.geometry.num_layers))
     log = list(ws.cursor(1, subs).prune_log)
     worker_steps.end_build(ref)
     return {e["key"]: e["sha256"] for e in entries}, log
@@ -179,3 +195,40 @@ def test_the_worker_steps_spread_a_layer_over_the_build_devices(tmp_path, monkey
     assert one == two  # every committed copy has the same sha256
     assert {k for _, _, k, _ in log} == {0, 1}  # layer_stats spread each layer's prunes over both devices
     assert len(log) == len(two)  # local_prune committed them, computing none of them again
+
+
+def test_a_build_process_driven_again_from_layer_0_computes_and_commits_nothing_twice(tmp_path, monkeypatch):
+    """A Ray build actor outlives the flow run that drove it: a Retry sends it the steps from layer 0 again, while its
+    cursor is past them. Those steps return the committed copies, and the layer left unfinished is built once."""
+    from tyr_runtime import worker_steps
+
+    one, _ = _worker_build(tmp_path, "one", [CPU], monkeypatch)
+    ref, ws, subs = _worker_run(tmp_path, "again", [CPU], monkeypatch)
+    layers = ws.model.geometry.num_layers
+    start = len(worker_steps.COMMITTED_HERE)
+    first = _build_steps(ref, subs, range(layers - 1))  # killed before the last layer; the cursor is at it
+    cursor = ws.cursor(1, subs)
+    assert cursor.layer == layers - 1
+    computed = len(cursor.prune_log)
+    again = _build_steps(ref, subs, range(layers))  # the Retry
+    assert ws.cursor(1, subs) is cursor and len(cursor.prune_log) > computed  # went on from where it was
+    assert sorted(worker_steps.COMMITTED_HERE[start:]) == sorted(one)  # each copy computed and committed once
+    assert {e["key"]: e["sha256"] for e in again} == one  # the uninterrupted build's copies
+    assert {e["key"] for e in first} < set(one)
+
+
+def test_a_layer_behind_the_cursor_with_a_copy_to_build_is_rebuilt_by_a_fresh_cursor(tmp_path, monkeypatch):
+    """A copy of a layer the cursor has passed is not committed (its manifest was removed): the layer is replayed
+    from the committed copies before it, and the copy gets the same bits."""
+    from tyr_core import keys
+
+    one, _ = _worker_build(tmp_path, "one", [CPU], monkeypatch)
+    ref, ws, subs = _worker_run(tmp_path, "again", [CPU], monkeypatch)
+    layers = ws.model.geometry.num_layers
+    _build_steps(ref, subs, range(layers))
+    cursor = ws.cursor(1, subs)
+    lost = next(k for k in one if k.startswith(keys.copy_key(1, layers - 2, "mlp", 0).rsplit("/", 1)[0]))
+    ws.store.delete(keys.manifest_key(lost))
+    again = _build_steps(ref, subs, range(layers))
+    assert ws.cursor(1, subs) is not cursor
+    assert {e["key"]: e["sha256"] for e in again} == one

@@ -15,6 +15,7 @@ from tyr_core.fitness import KLEvaluator, TeacherTopK, make_kl_evaluator
 from tyr_core.grid import Sublayer
 from tyr_core.store import commit_bytes, read_json, read_manifest, remaining
 from tyr_core.supernet import copy_bytes, index_entry
+from tyr_core.supernet_build import LayerCursor
 
 from .workspace import RunRef, Workspace, workspace
 
@@ -25,24 +26,38 @@ def plan_sublayers(plan: dict) -> list[Sublayer]:
     return [Sublayer(**s) for s in plan["sublayers"]]
 
 
+def _cursor_at(ws: Workspace, iteration: int, subs: list[Sublayer], layer: int) -> LayerCursor:
+    """This process's build cursor, at ``layer``. One already past it is replaced by a fresh one that replays the
+    committed layers: a build actor outlives the flow run that drove it, and a Retry drives it again from layer 0."""
+    cursor = ws.cursor(iteration, subs)
+    if cursor.layer > layer:
+        ws.end_build()
+        cursor = ws.cursor(iteration, subs)
+    cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+    return cursor
+
+
+def _layer_copies(iteration: int, subs: list[Sublayer], layer: int) -> dict[str, tuple[Sublayer, int]]:
+    """The copy keys of one layer, each with its (sublayer, level)."""
+    return {keys.copy_key(iteration, layer, s.kind, lv): (s, lv) for s in subs if s.layer == layer for lv in s.levels}
+
+
 def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
-    """H of o_proj and down_proj for one layer, kept in this process for the layer's local prunes.
+    """H of o_proj and down_proj for one layer, kept in this process for the layer's local prunes; nothing for a
+    layer whose copies are all committed (a resumed build), which only the next layer's replay needs.
 
     With several build devices the layer's copies not yet committed are computed here too, spread over the devices
     (the local-prune steps, which reach this process one at a time, then commit them)."""
     ws = workspace(ref)
     subs = plan_sublayers(ws.plan(iteration))
-    cursor = ws.cursor(iteration, subs)
-    cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+    requests = _layer_copies(iteration, subs, layer)
+    todo = remaining(ws.store, *requests)
+    if not todo:
+        return {}
+    cursor = _cursor_at(ws, iteration, subs, layer)
     shapes = {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
     if len(cursor.devices) > 1:
-        requests = {
-            keys.copy_key(iteration, layer, s.kind, level): (s, level)
-            for s in subs
-            if s.layer == layer
-            for level in s.levels
-        }
-        cursor.prune_all([requests[key] for key in remaining(ws.store, *requests)])
+        cursor.prune_all([requests[key] for key in todo])
     return shapes
 
 
@@ -58,8 +73,7 @@ def local_prune(ref: RunRef, iteration: int, layer: int, level: int, kinds: list
             manifest = read_manifest(ws.store, key)
             entries.append({**manifest.meta, "sha256": manifest.sha256})
             continue
-        cursor = ws.cursor(iteration, subs)
-        cursor.seek(layer, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+        cursor = _cursor_at(ws, iteration, subs, layer)
         sub = next(s for s in subs if s.layer == layer and s.kind == kind)
         copy = cursor.prune(sub, level)
         data = copy_bytes(copy)
@@ -76,7 +90,8 @@ def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
     ws = workspace(ref)
     subs = plan_sublayers(ws.plan(iteration))
     cursor = ws.cursor(iteration, subs)
-    cursor.seek(layer + 1, subs, lambda lyr: ws.copies(iteration, subs, lyr))
+    if cursor.layer <= layer + 1:  # past it already: a retried flow run replaying steps this process has done
+        cursor.seek(layer + 1, subs, lambda lyr: ws.copies(iteration, subs, lyr))
     return cursor.layer
 
 
