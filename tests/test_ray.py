@@ -198,9 +198,13 @@ def local_run(cluster, tmp_path_factory) -> dict[str, str]:
 
 class Watcher(threading.Thread):
     """Polls the run's replicas (their info() answers while a step runs), records who did what, and can SIGKILL
-    a replica once a condition holds."""
+    a replica once a condition holds.
 
-    def __init__(self, replicas: int, kills: list[tuple[int, object]] = (), prefix: str = ""):
+    A kill ``(replica, condition, until)`` lands at a moment the poll is too slow to catch (a tiny layer's copies
+    commit within a few milliseconds): once ``condition`` holds, the replica runs a few milliseconds at a time
+    (SIGCONT, sleep, SIGSTOP) until ``until()`` is True, and is killed there (None: too late, no kill)."""
+
+    def __init__(self, replicas: int, kills: list[tuple] = (), prefix: str = ""):
         super().__init__(daemon=True)
         self.replicas, self.kills, self.prefix = replicas, list(kills), prefix
         self.seen: dict[tuple[int, int], dict] = {}  # (replica, pid) -> its last info
@@ -220,12 +224,31 @@ class Watcher(threading.Thread):
                 self.seen[(r, info["pid"])] = info
                 self.actor_ids.add((r, handle._actor_id.hex()))
                 for kill in list(self.kills):
-                    replica, condition = kill
+                    replica, condition, *until = kill
                     if replica == r and condition(info):
+                        if until and not _step_until(info["pid"], until[0]):
+                            self.kills.remove(kill)  # missed: the test's assertion on ``killed`` says so
+                            continue
                         os.kill(info["pid"], signal.SIGKILL)
                         self.killed.append((r, info["pid"]))
                         self.kills.remove(kill)
             time.sleep(0.05)
+
+
+def _step_until(pid: int, done, slice_s: float = 0.002) -> bool:
+    """Let process ``pid`` run ``slice_s`` at a time until ``done()`` is True (it is left stopped there: True) or None
+    (too late: it runs on, False)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        while (now := done()) is False:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(slice_s)
+            os.kill(pid, signal.SIGSTOP)
+        if now is None:
+            os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        return False
+    return bool(now)
 
 
 def _actors() -> list[str]:
@@ -255,14 +278,19 @@ def test_killed_replica_and_build_actor_are_restarted_without_recomputing(cluste
     """Replica 0 (the build actor) is SIGKILLed once layer 1 of iteration 1 has some of its copies committed, and
     replica 1 while the search has units in flight: Ray restarts both, the calls are sent again, and the run ends
     with the local artefacts; no copy is computed and committed by two processes."""
+    layer_1 = tmp_path / "runs" / "K" / "iter-1" / "supernet" / "layer-1"
 
-    def mid_layer(info):
-        return 0 < sum(k.startswith("iter-1/supernet/layer-1/") for k in info["committed"]) < 10
+    def building(info):  # from here on the build actor runs a few milliseconds at a time, until mid-layer
+        return info["build_steps"] > 0
+
+    def mid_layer():  # None once the layer is complete: too late
+        committed = len(list(layer_1.rglob("*.manifest.json")))
+        return None if committed == 10 else committed > 0
 
     def mid_search(info):
         return info["units"] > 0
 
-    watcher = Watcher(2, kills=[(0, mid_layer), (1, mid_search)])
+    watcher = Watcher(2, kills=[(0, building, mid_layer), (1, mid_search)])
     watcher.start()
     try:
         state = _run(f"file://{tmp_path}", "K", _ray_overrides(cluster, 2))
