@@ -43,21 +43,20 @@ def _layer_copies(iteration: int, subs: list[Sublayer], layer: int) -> dict[str,
 
 
 def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
-    """H of o_proj and down_proj for one layer, kept in this process for the layer's local prunes; nothing for a
-    layer whose copies are all committed (a resumed build), which only the next layer's replay needs.
+    """H of o_proj and down_proj for one layer, kept in this process for the layer's local prunes; nothing when this
+    process's cursor is past the layer and its copies are all committed (a Retry driving it again from layer 0).
 
     With several build devices the layer's copies not yet committed are computed here too, spread over the devices
     (the local-prune steps, which reach this process one at a time, then commit them)."""
     ws = workspace(ref)
     subs = plan_sublayers(ws.plan(iteration))
     requests = _layer_copies(iteration, subs, layer)
-    todo = remaining(ws.store, *requests)
-    if not todo:
+    if ws.cursor(iteration, subs).layer > layer and not remaining(ws.store, *requests):
         return {}
     cursor = _cursor_at(ws, iteration, subs, layer)
     shapes = {kind: int(h.shape[0]) for kind, h in cursor.hessians().items()}
     if len(cursor.devices) > 1:
-        cursor.prune_all([requests[key] for key in todo])
+        cursor.prune_all([requests[key] for key in remaining(ws.store, *requests)])
     return shapes
 
 
