@@ -89,7 +89,7 @@ def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
     ws = workspace(ref)
     subs = plan_sublayers(ws.plan(iteration))
     cursor = ws.cursor(iteration, subs)
-    if cursor.layer <= layer + 1:  # past it already: a retried flow run replaying steps this process has done
+    if cursor.layer <= layer + 1:  # else past it: a Retry replaying steps this process has done
         cursor.seek(layer + 1, subs, lambda lyr: ws.copies(iteration, subs, lyr))
     return cursor.layer
 
