@@ -11,6 +11,13 @@ sets ``calibration.validation_windows=0`` (the reference: the search scores the 
 
     python bench/ablation.py --sparsity 0.5 --setting prune.first_order=1 --setting prune.first_order=0
     python bench/ablation.py --setting prune.first_order=0 --search --subsets 1
+    python bench/ablation.py --search --subsets 1 --set prune.first_order=0 \
+        --setting search.start=uniform --setting search.start=scan,search.mutation=sensitivity,prune.budget=params,\
+search.exchange=params,search.selection=paired
+
+The search's settings (``search.start``, ``search.mutation``, ``search.exchange`` with ``prune.budget=params``,
+``search.selection``, ``search.attention``, ``prune.mlp_multiple``) are settings like any other; each run reports
+the physically removed fraction of decoder parameters and the tokens the scan scored beside the search's.
 
 A setting is a comma-separated list of ``section.field=value`` overrides of the run config (``prune.`` may be
 left out). Prints one JSON object per line; the last lines (``metric: summary``) carry the table.
@@ -80,7 +87,8 @@ def uniform_only(folder: Path, cfg: RunConfig, windows: torch.Tensor, heldout) -
     if prune.accumulation != "expectation" and not prune.mlp_after_attention:
         prune = prune.model_copy(update={"num_levels": 1})
     lm = LayerwiseModel(folder)
-    subs = plan_iteration(lm.geometry, prune, 1, initial_centres(lm.geometry, prune))
+    attention = cfg.search.attention
+    subs = plan_iteration(lm.geometry, prune, 1, initial_centres(lm.geometry, prune, attention), attention)
     out = scratch_dir("tyr-ablation-")
     build_supernet(SupernetBuild(lm, windows, subs, prune_settings(prune), out))
     return ppl(folder, SupernetReader(out).layout([0] * len(subs)), lm.geometry, heldout)
@@ -89,7 +97,7 @@ def uniform_only(folder: Path, cfg: RunConfig, windows: torch.Tensor, heldout) -
 def searched(folder: Path, cfg: RunConfig, windows, search_windows, teacher, heldout) -> dict:
     """Every iteration; the final model is the winner with the best validation fitness across iterations."""
     geo = LayerwiseModel(folder).geometry
-    centres = initial_centres(geo, cfg.prune)
+    centres = initial_centres(geo, cfg.prune, cfg.search.attention)
     work = scratch_dir("tyr-ablation-search-")
     out: dict = {"iterations": []}
     best = None
@@ -101,12 +109,25 @@ def searched(folder: Path, cfg: RunConfig, windows, search_windows, teacher, hel
         layout = reader.layout(res.levels)
         scored = ppl(folder, layout, geo, heldout)
         out["iterations"].append(
-            {"iteration": it, "validation_fitness": res.validation_fitness, "fitness": res.fitness, "ppl": scored}
+            {
+                "iteration": it,
+                "validation_fitness": res.validation_fitness,
+                "fitness": res.fitness,
+                "ppl": scored,
+                "removed_fraction": round(res.removed_fraction, 5),
+                "scan_tokens": res.scan_tokens,
+                "search_tokens": res.search_tokens,
+                "scan_s": round(res.scan_s, 1),
+                "search_s": round(res.search_s, 1),
+            }
         )
         if best is None or res.validation_fitness < best[0]:
             best = (res.validation_fitness, it, scored)
         centres = res.next_centres
     out["best_iteration"], out["searched"] = best[1], best[2]
+    out["removed_fraction"] = out["iterations"][best[1] - 1]["removed_fraction"]
+    scan, search = (sum(i[k] for i in out["iterations"]) for k in ("scan_tokens", "search_tokens"))
+    out["scan_tokens_per_search_token"] = round(scan / search, 4) if search else None
     out["ratio"] = {k: round(out["searched"][k] / out["uniform"][k], 4) for k in heldout}
     return out
 

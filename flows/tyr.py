@@ -19,7 +19,7 @@ from tasks.data import calibrate, teacher
 from tasks.evaluate import evaluate, evaluate_baselines, summarize
 from tasks.policies import RESULT_SERIALIZER
 from tasks.reports import flush_artifacts, start_progress, update_progress
-from tasks.search import recentre_interval, search_generation
+from tasks.search import recentre_interval, search_generation, sensitivity_scan
 from tasks.supernet import accumulate, garbage_collect, layer_stats, plan, supernet_index
 from tyr_core import keys
 from tyr_core.config import MAX_CONCURRENT_PRUNES
@@ -106,6 +106,8 @@ def iteration_flow(ref: RunRef, iteration: int, generations: int) -> dict:
     grid = IterationPlan.from_json(plan(ref, iteration))
     if remaining(workspace(ref).store, keys.supernet_index_key(iteration)):
         build_supernet(ref, grid)
+    if workspace(ref).config.search.needs_scan:
+        sensitivity_scan(ref, iteration)  # the first parent and the mutation's weights come from it
     progress = start_progress(ref.run_id, iteration, generations)
     for generation in range(1, generations + 1):
         search_generation(ref, iteration, generation)

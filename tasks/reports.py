@@ -49,6 +49,14 @@ def iteration_markdown(result: dict, history: list[dict]) -> str:
         "",
         f"Winner's fitness (top-k KL to the dense model, lower is better): **{_fitness(result['fitness'])}**",
         "",
+    ]
+    if "removed_fraction" in result:  # physically, as the export removes them, beside the target it was searched for
+        lines += [
+            f"Decoder parameters physically removed: {result['removed_fraction']:.2%} (target "
+            f"{result['target_sparsity']:.2%} of the {'parameters' if result['budget'] == 'params' else 'groups'}).",
+            "",
+        ]
+    lines += [
         "| layer | attention sparsity | MLP sparsity |",
         "|---:|---:|---:|",
     ]

@@ -91,7 +91,7 @@ def test_help_of_every_command(command, capsys):
         (["prune", "smollm2-135m"], "no target sparsity for smollm2-135m: give --sparsity"),
         (
             ["prune", "smollm2-135m", "--sparsity", "0.5", "--recipe", "nope"],
-            "unknown recipe 'nope' (--recipe); recipes: cpu-small, demo, paper, tiny-test",
+            "unknown recipe 'nope' (--recipe); recipes: cpu-small, demo, paper, serve-vllm, tiny-test",
         ),
         (["prune", "tiny-test", "--set", "prune.bogus=1"], "prune.bogus: Extra inputs are not permitted"),
         (["prune", "tiny-test", "--set", "prune.target_sparsity=1.5"], "prune.target_sparsity: Input should be less"),
@@ -216,7 +216,7 @@ def test_recipes_are_listed_with_what_they_cost_and_the_shorthands(capsys):
     code, out, _ = run_cli(["recipes", "--json"], capsys)
     listed = json.loads(out)
     rows = {row["name"]: row for row in listed["recipes"]}
-    assert code == 0 and set(rows) == {"paper", "cpu-small", "demo", "tiny-test"}
+    assert code == 0 and set(rows) == {"paper", "cpu-small", "demo", "serve-vllm", "tiny-test"}
     assert rows["paper"]["offspring_evaluations"] == 4 * 50 * 128 and rows["paper"]["calibration_tokens"] == 2**22
     assert set(listed["shorthands"]) == {"tiny-test", "smollm2-demo", "smollm2-25", "smollm2-50"}
     code, out, _ = run_cli(["recipes"], capsys)

@@ -52,7 +52,7 @@ def test_the_deployments_resolve_to_their_former_presets():
 
 
 def test_recipes_hold_the_method_only():
-    assert recipe_names() == ["cpu-small", "demo", "paper", "tiny-test"]
+    assert recipe_names() == ["cpu-small", "demo", "paper", "serve-vllm", "tiny-test"]
     for name in recipe_names():
         recipe = load_recipe(name)
         assert recipe["description"] and "source" not in recipe.get("model", {})

@@ -54,8 +54,24 @@ class CalibrationConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    target_sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of attention and MLP groups removed")
+    target_sparsity: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="fraction removed: of each kind's groups (budget=groups) or of the decoder's parameters (params)",
+    )
     sparsity_tolerance: float = Field(0.02, ge=0.0, description="how far the whole-group target may be from it")
+    budget: Literal["groups", "params"] = Field(
+        "groups",
+        description="groups: the target is each kind's share of heads and neurons (the reference); params: the share "
+        "of decoder parameters physically removed, KV heads counted as the export removes them",
+    )
+    budget_tolerance: float = Field(
+        0.005, gt=0.0, lt=0.5, description="budget=params: how far a candidate's removed fraction may be off target"
+    )
+    mlp_multiple: int = Field(
+        1, ge=1, description="every MLP width (centres and steps) is a multiple of this (64 for GPU kernels; 1 any)"
+    )
     num_levels: int = Field(9, ge=1, description="supernet copies per sublayer (odd)")
     interval: float = Field(0.125, gt=0.0, le=0.5, description="first iteration's step, fraction of groups")
     iterations: int = Field(4, ge=1, description="coarse-to-fine iterations; the interval halves each time")
@@ -237,6 +253,14 @@ class RunConfig(_Strict):
     def _typed_search(cls, v: Any) -> Any:
         cfg = _search_config()
         return v if isinstance(v, cfg) else cfg.model_validate(v or {})
+
+    @model_validator(mode="after")
+    def _exchange_needs_a_parameter_budget(self) -> RunConfig:
+        if self.search.exchange == "params" and self.prune.budget != "params":
+            raise ValueError(
+                "search.exchange=params trades heads for neurons at equal parameters: set prune.budget=params"
+            )
+        return self
 
     def artefact_hash(self) -> str:
         """Hash of what determines committed artefacts; eval/export/gc/concurrency/thread settings may change on

@@ -241,6 +241,7 @@ class KLEvaluator:
             raise SearchError(f"windows of {windows.shape[1]} tokens but the teacher saw {teacher.index['seq_len']}")
         self.apply_levels, self.logits_fn = apply_levels, logits_fn
         self.windows, self.teacher, self.batch_size = windows, teacher, batch_size
+        self.tokens_scored = 0  # candidate tokens scored so far, for reports of what a step cost
 
     def __call__(self, levels: list[int], window_ids: list[int]) -> float:
         return self.pool([levels], window_ids)[0]
@@ -254,7 +255,27 @@ class KLEvaluator:
             with torch.inference_mode():
                 logits = self.logits_fn(self.windows[batch], list(levels))
                 terms.append(topk_kl(values.to(logits.device), ids.to(logits.device), logits))
+            self.tokens_scored += len(batch) * self.windows.shape[1]
         return terms
+
+    def pool_windows(self, candidates: Sequence[list[int]], window_ids: list[int]) -> list[list[float]]:
+        """Every candidate's mean KL on each window apart (``[candidate][window]``), for paired comparisons."""
+        if not window_ids:
+            raise SearchError("a candidate must be scored on at least one window")
+        scores: list[list[float]] = [[] for _ in candidates]
+        for start in range(0, len(window_ids), self.batch_size):
+            batch = list(window_ids[start : start + self.batch_size])
+            values, ids = self.teacher.get(batch)
+            for j, levels in enumerate(candidates):
+                self.apply_levels(list(levels))
+                with torch.inference_mode():
+                    logits = self.logits_fn(self.windows[batch], list(levels))
+                    self.tokens_scored += len(batch) * self.windows.shape[1]
+                    v, i = values.to(logits.device), ids.to(logits.device)
+                    for b in range(len(batch)):
+                        kl, n = topk_kl(v[b : b + 1], i[b : b + 1], logits[b : b + 1])
+                        scores[j].append(kl / n)
+        return scores
 
     def pool(self, candidates: Sequence[list[int]], window_ids: list[int]) -> list[float]:
         """Fitness of every candidate on ``window_ids``, in the pool's order."""

@@ -46,9 +46,25 @@ class Sublayer:
         return 1.0 - self.sparsity(level)
 
 
-def interval_groups(groups: int, fraction: float) -> int:
-    """Groups per level for an interval given as a fraction of the sublayer, floored at one group."""
-    return max(1, round(groups * fraction))
+def interval_groups(groups: int, fraction: float, unit: int = 1) -> int:
+    """Groups per level for an interval given as a fraction of the sublayer, floored at one group.
+
+    With ``unit`` > 1 every width must stay a multiple of it (a serving format's tile, or a whole attention), so
+    the step is rounded to a multiple of ``unit`` and floored at one unit."""
+    if unit == 1:
+        return max(1, round(groups * fraction))
+    return max(unit, round(groups * fraction / unit) * unit)
+
+
+def kind_centres(groups: int, num_layers: int, removed_units: int, unit: int = 1) -> list[int]:
+    """Groups removed per layer when ``removed_units`` units of ``unit`` groups are spread over equal sublayers.
+
+    With units larger than a group the remainder goes to the last layers: the first layers are the most
+    sensitive, and a whole attention is too coarse to spread evenly."""
+    if unit == 1:
+        return distribute(removed_units, [groups] * num_layers)
+    per_layer = distribute(removed_units, [groups // unit] * num_layers)
+    return [units * unit for units in reversed(per_layer)]
 
 
 def make_grid(groups: int, centre: int, step: int, num_levels: int) -> tuple[int, int]:
@@ -77,12 +93,23 @@ def distribute(total_removed: int, groups: list[int]) -> list[int]:
     return base
 
 
-def uniform_centres(groups: list[int], target: float, kind: Kind, tolerance: float) -> list[int]:
-    """Groups removed per sublayer so that the type's total is ``target`` of its groups, as evenly as possible.
+def uniform_centres(groups: list[int], target: float, kind: Kind, tolerance: float, unit: int = 1) -> list[int]:
+    """Groups removed per sublayer so that the type's total is ``target`` of its groups, as evenly as possible, in
+    whole ``unit``s of groups (``kind_centres``).
 
     Raises:
-        GridError: if no whole number of groups is within ``tolerance`` of ``target`` for this sublayer type.
+        GridError: if no whole number of units is within ``tolerance`` of ``target`` for this sublayer type.
     """
+    if unit > 1:
+        total_units = sum(groups) // unit
+        removed_units = round(target * total_units)
+        achieved = removed_units / total_units
+        if abs(achieved - target) > tolerance:
+            raise GridError(
+                f"target_sparsity={target} cannot be expressed for {kind} in units of {unit} groups: the nearest "
+                f"reachable sparsity is {achieved:.4f} (|error| > sparsity_tolerance={tolerance})"
+            )
+        return kind_centres(groups[0], len(groups), removed_units, unit)
     total = sum(groups)
     removed = round(target * total)
     achieved = removed / total
@@ -101,6 +128,7 @@ def build_sublayers(
     centres: dict[Kind, list[int]],
     interval: float,
     num_levels: int,
+    units: dict[Kind, int] | None = None,
 ) -> list[Sublayer]:
     """All genes of one iteration, ordered by layer then kind (attention first).
 
@@ -110,6 +138,7 @@ def build_sublayers(
         centres: groups removed at level 0, per kind and layer.
         interval: step as a fraction of the sublayer's groups (0.125 in iteration 1), floored at one group.
         num_levels: supernet copies per sublayer when not cut short (9 in the paper).
+        units: groups every width of a kind is a multiple of (default 1); steps are multiples of it.
     """
     if num_levels < 1 or num_levels % 2 == 0:
         raise GridError(f"num_levels={num_levels} must be odd and >= 1 so the grid is centred")
@@ -119,7 +148,10 @@ def build_sublayers(
             n, c = groups[kind], centres[kind][layer]
             if not 0 <= c <= n:
                 raise GridError(f"{sublayer_name(layer, kind)}: centre {c} groups is outside [0, {n}]")
-            step = interval_groups(n, interval)
+            unit = (units or {}).get(kind, 1)
+            if n % unit or c % unit:
+                raise GridError(f"{sublayer_name(layer, kind)}: {n} groups, centre {c}: not multiples of {unit}")
+            step = interval_groups(n, interval, unit)
             lo, hi = make_grid(n, c, step, num_levels)
             out.append(Sublayer(layer, kind, n, c, step, lo, hi))
     return out

@@ -9,7 +9,7 @@ Layout::
     teacher/topk-NNNNN.safetensors, teacher/index.json
     iter-K/plan.json, iter-K/stats/layer-L.safetensors
     iter-K/supernet/layer-L/{attn,mlp}/level±S.safetensors, iter-K/supernet/index.json
-    iter-K/search/gen-G.json, iter-K/result.json
+    iter-K/search/scan.json, iter-K/search/gen-G.json, iter-K/result.json
     reports/baselines.json, reports/final-K.json
     final/<format>/..., final/<format>/files.json (written last)
 """
@@ -119,6 +119,11 @@ def supernet_index_key(iteration: int) -> str:
 def search_state_key(iteration: int, generation: int) -> str:
     """The search after one generation (parent, fitness, history, RNG state)."""
     return f"iter-{iteration}/search/gen-{generation}.json"
+
+
+def sensitivity_key(iteration: int) -> str:
+    """The sensitivity scan before the iteration's first generation (one-level moves per gene and their cost)."""
+    return f"iter-{iteration}/search/scan.json"
 
 
 def result_key(iteration: int) -> str:

@@ -113,3 +113,21 @@ def count_module_params(model: nn.Module) -> int:
             seen.add(id(param))
             total += param.numel()
     return total
+
+
+def decoder_params(geo: Geometry) -> int:
+    """Parameters of the dense decoder layers, norms included: the denominator of ``removed_fraction``."""
+    return geo.num_layers * (attention_params(geo, torch.arange(geo.heads)) + mlp_params(geo, geo.intermediate))
+
+
+def copy_params(geo: Geometry, kind: str, weight_params: int, groups_kept: int) -> int:
+    """What one supernet copy keeps, counted as ``layout_params`` counts it, from its index entry's ``params``
+    (``Geometry.sublayer_params``: weights and biases, KV heads included) and ``groups_kept``.
+
+    The entry leaves out the sublayer's norms, which go with the sublayer's last group, and a removed attention's
+    o_proj bias, which stays."""
+    if kind == "attn":
+        if groups_kept == 0:
+            return attention_params(geo, torch.zeros(0, dtype=torch.long))
+        return weight_params + geo.hidden + (2 * geo.head_dim if geo.family == "qwen3" else 0)
+    return weight_params + (geo.hidden if groups_kept else 0)

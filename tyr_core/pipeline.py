@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from .budget import ParamBudget, budget_from_index, params_centres
 from .calibration import iter_documents, packed_windows, reference_chunks, tokenize
 from .config import CalibrationConfig, PruneConfig, RunConfig
 from .device import configure_numerics, memory_budget, resolve_device
@@ -153,19 +154,41 @@ def prune_settings(cfg: PruneConfig, spill_dir: Path | None = None, device_budge
     )
 
 
-def initial_centres(geo: Geometry, cfg: PruneConfig) -> dict[Kind, list[int]]:
-    """The uniform starting point: each type at the target, spread over layers as evenly as whole groups allow."""
+def group_units(geo: Geometry, cfg: PruneConfig, attention: str = "heads") -> dict[Kind, int]:
+    """Groups every width of a kind is a multiple of: one head, or all of them (``search.attention=whole``); one
+    neuron, or ``prune.mlp_multiple``.
+
+    Raises:
+        ConfigError: if the MLP's width is not a multiple of ``prune.mlp_multiple``.
+    """
+    if geo.intermediate % cfg.mlp_multiple:
+        raise ConfigError(
+            f"prune.mlp_multiple={cfg.mlp_multiple} does not divide the model's MLP width {geo.intermediate}"
+        )
+    return {"attn": geo.heads if attention == "whole" else 1, "mlp": cfg.mlp_multiple}
+
+
+def initial_centres(geo: Geometry, cfg: PruneConfig, attention: str = "heads") -> dict[Kind, list[int]]:
+    """The uniform starting point: each type at the target, spread over layers as evenly as whole groups allow; with
+    ``prune.budget=params`` both types at the group fraction whose estimated physical removal is the target."""
+    units = group_units(geo, cfg, attention)
+    if cfg.budget == "params":
+        return params_centres(geo, cfg.target_sparsity, cfg.sparsity_tolerance, units)
     return {
-        kind: uniform_centres([geo.groups(kind)] * geo.num_layers, cfg.target_sparsity, kind, cfg.sparsity_tolerance)
+        kind: uniform_centres(
+            [geo.groups(kind)] * geo.num_layers, cfg.target_sparsity, kind, cfg.sparsity_tolerance, units[kind]
+        )
         for kind in KINDS
     }
 
 
-def plan_iteration(geo: Geometry, cfg: PruneConfig, iteration: int, centres: dict[Kind, list[int]]) -> list[Sublayer]:
+def plan_iteration(
+    geo: Geometry, cfg: PruneConfig, iteration: int, centres: dict[Kind, list[int]], attention: str = "heads"
+) -> list[Sublayer]:
     """The supernet grid of iteration ``iteration`` (1-based): interval halves each iteration (docs/algorithm.md)."""
     interval = cfg.interval / 2 ** (iteration - 1)
     groups = {kind: geo.groups(kind) for kind in KINDS}
-    return build_sublayers(groups, geo.num_layers, centres, interval, cfg.num_levels)
+    return build_sublayers(groups, geo.num_layers, centres, interval, cfg.num_levels, group_units(geo, cfg, attention))
 
 
 def magnitude_layout(model: nn.Module, geo: Geometry, sublayers: list[Sublayer]) -> PrunedLayout:
@@ -197,6 +220,11 @@ class IterationResult:
     search_s: float
     generation_s: list[float]
     supernet_bytes: int
+    removed_fraction: float = 0.0  # of the decoder's parameters, physically (as the export removes them)
+    scan: dict | None = None  # the sensitivity scan, when the search used one
+    scan_s: float = 0.0
+    scan_tokens: int = 0  # candidate tokens the scan scored
+    search_tokens: int = 0  # candidate tokens the generations scored (the winner's validation score apart)
 
 
 def run_iteration_local(
@@ -217,11 +245,12 @@ def run_iteration_local(
     """
     from .fitness import make_kl_evaluator
     from .search import initial_state, run_generation
+    from .sensitivity import make_guide, run_scan, scan_window_ids, start_levels
 
     where = placement(cfg)
     lm = LayerwiseModel(model_folder, device=where.device)
     check_fits(lm, cfg, where)
-    subs = plan_iteration(lm.geometry, cfg.prune, iteration, centres)
+    subs = plan_iteration(lm.geometry, cfg.prune, iteration, centres, cfg.search.attention)
     out = workdir / f"iter-{iteration}"
     t0 = time.perf_counter()
     settings = prune_settings(cfg.prune, device_budget_bytes=where.budget_bytes // 2)
@@ -233,17 +262,29 @@ def run_iteration_local(
     sm = SupernetModel(model, SupernetReader(out), lm.geometry)
     search_windows = (windows if search_windows is None else search_windows)[: teacher.index["windows"]]
     evaluate = make_kl_evaluator(sm.apply, forward.logits, search_windows, teacher)
-    state = initial_state(subs, cfg.seed + iteration, iteration)
+    scan, scan_s = None, 0.0
+    if cfg.search.needs_scan:
+        s0 = time.perf_counter()
+        forward.set_reference([0] * len(subs))
+        ids = scan_window_ids(cfg.search.scan_tokens, *search_windows.shape)
+        scan = run_scan([0] * len(subs), subs, evaluate, ids, iteration, search_windows.shape[1])
+        scan_s = time.perf_counter() - s0
+    scan_tokens = evaluate.tokens_scored
+    budget = search_budget(lm.geometry, index, subs, cfg.prune)
+    guide = make_guide(cfg.search, subs, scan, budget)
+    state = initial_state(subs, cfg.seed + iteration, iteration, start_levels(cfg.search, subs, scan, budget))
     gen_s = []
     for _ in range(cfg.search.generations):
         g0 = time.perf_counter()
         forward.set_reference(state.parent)
-        state = run_generation(state, subs, evaluate, cfg.search, *search_windows.shape)
+        state = run_generation(state, subs, evaluate, cfg.search, *search_windows.shape, guide=guide)
         gen_s.append(time.perf_counter() - g0)
         if progress:
             progress("search", state.generation, cfg.search.generations)
+    search_tokens = evaluate.tokens_scored - scan_tokens
     forward.set_reference(state.parent)
     validation = evaluate(state.parent, list(range(search_windows.shape[0])))
+    removed = (budget or search_budget(lm.geometry, index, subs, cfg.prune, always=True)).removed_fraction(state.parent)
     return IterationResult(
         iteration=iteration,
         levels=state.parent,
@@ -255,4 +296,18 @@ def run_iteration_local(
         search_s=sum(gen_s),
         generation_s=gen_s,
         supernet_bytes=sum(e["bytes"] for e in index["copies"]),
+        removed_fraction=removed,
+        scan=scan.model_dump() if scan is not None else None,
+        scan_s=scan_s,
+        scan_tokens=scan_tokens,
+        search_tokens=search_tokens,
     )
+
+
+def search_budget(
+    geo: Geometry, index: dict, genes: list[Sublayer], cfg: PruneConfig, always: bool = False
+) -> ParamBudget | None:
+    """The parameter budget of a supernet (``prune.budget=params``, or ``always`` to count a layout), else None."""
+    if cfg.budget != "params" and not always:
+        return None
+    return budget_from_index(geo, index, genes, cfg.target_sparsity, cfg.budget_tolerance)

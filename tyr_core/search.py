@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .budget import ParamBudget
 from .errors import SearchError
 from .grid import Sublayer
 from .keys import Kind
@@ -61,6 +63,36 @@ class SearchConfig(BaseModel):
     prefix_sharing: bool = Field(
         True, description="reuse the parent's hidden states for a candidate's unchanged leading layers (speed only)"
     )
+    attention: Literal["heads", "whole"] = Field(
+        "heads",
+        description="heads: attention loses single query heads; whole: an attention keeps all its heads or none, "
+        "which formats without per-layer head counts (Nemotron-NAS, vLLM) can express",
+    )
+    exchange: Literal["none", "params"] = Field(
+        "none",
+        description="none: attention and MLP budgets stay apart (the paper); params: a mutation may trade heads for "
+        "neurons inside the parameter budget (needs prune.budget=params)",
+    )
+    start: Literal["uniform", "scan"] = Field(
+        "uniform", description="each iteration's first parent: the centres (reference) or the scan's allocation"
+    )
+    mutation: Literal["uniform", "sensitivity"] = Field(
+        "uniform",
+        description="uniform: genes drawn uniformly (reference); sensitivity: in proportion to the scan's measured "
+        "sensitivity (sparser moves in inverse proportion)",
+    )
+    scan_tokens: int = Field(
+        512, ge=1, description="tokens the sensitivity scan scores each one-level move on (whole windows, at least one)"
+    )
+    sensitivity_floor: float = Field(
+        0.1, gt=0.0, description="share of the mean sensitivity every gene's weight gets, so flat genes still move"
+    )
+    selection: Literal["mean", "paired"] = Field(
+        "mean",
+        description="mean: the last stage keeps the lowest mean (reference); paired: the best child replaces the "
+        "parent only when their per-window differences put it ahead beyond paired_z standard errors",
+    )
+    paired_z: float = Field(1.0, ge=0.0, description="selection=paired: standard errors a child must win by")
 
     @field_validator("stage_tokens")
     @classmethod
@@ -92,6 +124,11 @@ class SearchConfig(BaseModel):
         if self.offspring < self.survivors[0]:
             raise ValueError(f"offspring={self.offspring} must be at least survivors[0]={self.survivors[0]}")
         return self
+
+    @property
+    def needs_scan(self) -> bool:
+        """Whether each iteration's search needs the sensitivity scan before its first generation."""
+        return self.start == "scan" or self.mutation == "sensitivity"
 
 
 # --- constraints (named predicates) ----------------------------------------------------------------------------------
@@ -145,6 +182,52 @@ def can_go_sparser(gene: Sublayer, level: int) -> bool:
 # --- mutation -------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SearchGuide:
+    """What steers a search away from the reference's uniform walk inside group budgets (None: the reference).
+
+    ``budget`` keeps every child inside a band of physically removed parameters; ``denser`` and ``sparser`` weigh
+    the genes a shift draws to go denser and sparser (the sensitivity scan's measure); ``exchange`` lets a shift
+    move budget between attention and MLP, which only a parameter budget keeps in bounds."""
+
+    budget: ParamBudget | None = None
+    denser: tuple[float, ...] | None = None
+    sparser: tuple[float, ...] | None = None
+    exchange: bool = False
+
+    @property
+    def steers_shifts(self) -> bool:
+        return self.denser is not None or self.exchange
+
+
+def _draw(rng: np.random.Generator, genes: list[int], weights: Sequence[float] | None) -> int:
+    """One of ``genes``: uniform as the reference draws, or in proportion to ``weights`` (one per gene of the
+    genome)."""
+    if weights is None:
+        return genes[int(rng.integers(len(genes)))]
+    w = np.array([weights[j] for j in genes], dtype=float)
+    return genes[int(rng.choice(len(genes), p=w / w.sum()))]
+
+
+def _guided_shift(
+    child: list[int], genes: Sequence[Sublayer], rng: np.random.Generator, guide: SearchGuide
+) -> tuple[int, int] | None:
+    """``shift_one_level`` with weighted draws and, with ``guide.exchange``, a sparser gene of either kind."""
+    sparser = [j for j, gene in enumerate(genes) if can_go_sparser(gene, child[j])]
+    kinds = {genes[j].kind for j in sparser}
+    denser = [
+        j for j, gene in enumerate(genes) if can_go_denser(gene, child[j]) and (guide.exchange or gene.kind in kinds)
+    ]
+    if not denser or not sparser:
+        return None
+    d = _draw(rng, denser, guide.denser)
+    same = sparser if guide.exchange else [j for j in sparser if genes[j].kind == genes[d].kind]
+    i = _draw(rng, same, guide.sparser)
+    child[d] -= 1
+    child[i] += 1
+    return d, i
+
+
 def draw_swap_count(rng: np.random.Generator, max_swaps: int = 4) -> int:
     """Number of sparsity shifts of one mutation: the min of two uniform draws in ``1..max_swaps``.
 
@@ -153,7 +236,9 @@ def draw_swap_count(rng: np.random.Generator, max_swaps: int = 4) -> int:
     return min(int(rng.integers(1, max_swaps + 1)), int(rng.integers(1, max_swaps + 1)))
 
 
-def shift_one_level(child: list[int], genes: Sequence[Sublayer], rng: np.random.Generator) -> tuple[int, int] | None:
+def shift_one_level(
+    child: list[int], genes: Sequence[Sublayer], rng: np.random.Generator, guide: SearchGuide | None = None
+) -> tuple[int, int] | None:
     """One sparsity shift, in place: gene ``d`` one level denser, gene ``i`` of the same kind one level sparser.
 
     As in the reference, ``d`` is uniform over the genes that can go denser and ``i`` uniform over the genes of
@@ -161,9 +246,13 @@ def shift_one_level(child: list[int], genes: Sequence[Sublayer], rng: np.random.
     A gene is never moved off its grid. Kinds with no legal pair are skipped, where the reference
     would spin forever.
 
+    A ``guide`` that steers shifts draws ``d`` and ``i`` by its weights, and with ``exchange`` from either kind.
+
     Returns:
         ``(d, i)``, or None when no kind has a legal move.
     """
+    if guide is not None and guide.steers_shifts:
+        return _guided_shift(child, genes, rng, guide)
     sparser: dict[Kind, list[int]] = {}
     for j, gene in enumerate(genes):
         if can_go_sparser(gene, child[j]):
@@ -179,7 +268,13 @@ def shift_one_level(child: list[int], genes: Sequence[Sublayer], rng: np.random.
     return d, i
 
 
-def mutate(parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Generator, max_swaps: int = 4) -> list[int]:
+def mutate(
+    parent: Sequence[int],
+    genes: Sequence[Sublayer],
+    rng: np.random.Generator,
+    max_swaps: int = 4,
+    guide: SearchGuide | None = None,
+) -> list[int]:
     """A child of ``parent`` after ``draw_swap_count`` sparsity shifts (docs/algorithm.md).
 
     Every gene of a kind has the same step in groups, so each shift keeps the groups removed per kind exactly.
@@ -189,6 +284,7 @@ def mutate(parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Gene
         genes: the genome, in the order of ``parent``.
         rng: the search's generator; the only source of randomness.
         max_swaps: most shifts per mutation.
+        guide: how shifts are drawn (None: the reference).
 
     Raises:
         SearchError: if ``parent`` does not fit the genome.
@@ -196,27 +292,34 @@ def mutate(parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Gene
     require_fits(parent, genes, "parent")
     child = list(parent)
     for _ in range(draw_swap_count(rng, max_swaps)):
-        shift_one_level(child, genes, rng)
+        shift_one_level(child, genes, rng, guide)
     return child
 
 
 def offspring(
-    parent: Sequence[int], genes: Sequence[Sublayer], rng: np.random.Generator, n: int, max_swaps: int = 4
+    parent: Sequence[int],
+    genes: Sequence[Sublayer],
+    rng: np.random.Generator,
+    n: int,
+    max_swaps: int = 4,
+    guide: SearchGuide | None = None,
 ) -> list[list[int]]:
     """Up to ``n`` unique children of ``parent``, in the order drawn; a child equal to the parent is kept.
 
-    Duplicates are rejected. After ``ATTEMPTS_PER_CHILD * n`` mutations the search space is taken to be too small
-    and fewer children are returned.
+    Duplicates are rejected, and so is a child outside the guide's parameter budget. After
+    ``ATTEMPTS_PER_CHILD * n`` mutations the search space is taken to be too small and fewer children are returned.
     """
+    budget = guide.budget if guide is not None else None
     seen: set[tuple[int, ...]] = set()
     children: list[list[int]] = []
     for _ in range(ATTEMPTS_PER_CHILD * n):
         if len(children) == n:
             break
-        child = mutate(parent, genes, rng, max_swaps)
+        child = mutate(parent, genes, rng, max_swaps, guide)
         if tuple(child) not in seen:
             seen.add(tuple(child))
-            children.append(child)
+            if budget is None or budget.within(child):
+                children.append(child)
     if len(children) < n:
         log.info(
             "only %d unique offspring of %d requested: the search space around the parent is small", len(children), n
@@ -263,6 +366,25 @@ def _rank(score: float) -> float:
     return math.inf if math.isnan(score) else score
 
 
+def paired_choice(scores: Sequence[Sequence[float]], parent: int, z: float) -> int:
+    """The candidate that leads: the best child by mean when its per-window differences against the parent put it
+    ahead by more than ``z`` standard errors of their mean, else the parent (index ``parent`` in ``scores``).
+
+    The windows are the same for every candidate, so the paired differences cancel what makes a window hard for
+    all of them, which is most of a window's spread."""
+    means = [_rank(sum(row) / len(row)) for row in scores]
+    children = [j for j in range(len(scores)) if j != parent]
+    if not children:
+        return parent
+    best = min(children, key=lambda j: means[j])
+    diffs = [c - p for c, p in zip(scores[best], scores[parent], strict=True)]
+    mean = sum(diffs) / len(diffs)
+    if math.isnan(mean) or math.isinf(means[best]):
+        return parent
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return best if mean + z * se < 0 else parent
+
+
 def keep_best(pool: list[list[int]], scores: list[float], keep: int) -> tuple[list[list[int]], list[float]]:
     """The ``keep`` lowest-scoring candidates with their scores; ties keep the pool's order (stable sort)."""
     order = sorted(range(len(pool)), key=lambda j: _rank(scores[j]))[:keep]
@@ -288,6 +410,17 @@ class _Counter:
         if pooled is None:
             return [self.score(evaluate, c, windows) for c in pool]
         scores = [float(f) for f in pooled([list(c) for c in pool], list(windows))]
+        self._count(len(pool))
+        return scores
+
+    def score_windows(self, evaluate: Evaluate, pool: list[list[int]], windows: list[int]) -> list[list[float]]:
+        """The pool's fitness on each window apart; one window at a time when the evaluator has no
+        ``pool_windows`` method."""
+        per_window = getattr(evaluate, "pool_windows", None)
+        if per_window is not None:
+            scores = [[float(f) for f in row] for row in per_window([list(c) for c in pool], list(windows))]
+        else:
+            scores = [[float(evaluate(list(c), [w])) for w in windows] for c in pool]
         self._count(len(pool))
         return scores
 
@@ -321,6 +454,8 @@ def select(
     Each stage draws a fresh minibatch of distinct windows, scores its whole pool on it and keeps the best
     ``cfg.survivors[stage]``. At the last stage the parent joins the pool if it is not already there, so a
     deterministic fitness never loses the parent; with minibatch noise the parent is re-scored and can be replaced.
+    With ``cfg.selection == "paired"`` the last stage scores every window apart and the parent keeps its place
+    unless a child beats it beyond the noise (``paired_choice``).
 
     Args:
         candidates: the offspring (unique).
@@ -344,6 +479,11 @@ def select(
             else:
                 pool.append(list(parent))  # elitism
         windows = draw_stage_windows(rng, tokens, n_windows, seq_len, cfg.min_stage_windows)  # one batch per stage
+        if stage == last and cfg.selection == "paired":
+            per_window = counter.score_windows(evaluate, pool, windows)
+            chosen = paired_choice(per_window, pool.index(list(parent)), cfg.paired_z)
+            fitness = sum(per_window[chosen]) / len(windows)
+            return Selection(best=pool[chosen], fitness=fitness, evaluations=counter.done)
         scores = counter.score_pool(evaluate, pool, windows)
         pool, scores = keep_best(pool, scores, keep)
     return Selection(best=pool[0], fitness=scores[0], evaluations=counter.done)
@@ -412,6 +552,7 @@ def run_generation(
     n_windows: int,
     seq_len: int,
     progress: Progress | None = None,
+    guide: SearchGuide | None = None,
 ) -> SearchState:
     """One generation: offspring of the parent, multi-stage selection, and the next state (``state`` is unchanged).
 
@@ -423,13 +564,14 @@ def run_generation(
         n_windows: calibration windows available to the evaluator.
         seq_len: tokens per window.
         progress: ``(done, total)`` evaluations of this generation.
+        guide: the parameter budget and weighted draws (``SearchGuide``); None is the reference's walk.
 
     Raises:
         SearchError: if the state's parent does not fit ``genes`` (a state resumed against another plan).
     """
     require_fits(state.parent, genes, f"search state of iteration {state.iteration}, generation {state.generation}")
     rng = restore_rng(state.rng)
-    children = offspring(state.parent, genes, rng, cfg.offspring, cfg.max_swaps)
+    children = offspring(state.parent, genes, rng, cfg.offspring, cfg.max_swaps, guide)
     chosen = select(children, state.parent, evaluate, cfg, rng, n_windows, seq_len, progress)
     record = GenerationRecord(
         generation=state.generation + 1,
@@ -457,6 +599,7 @@ def run_search(
     seq_len: int,
     on_generation: Callable[[SearchState], None] | None = None,
     progress: Progress | None = None,
+    guide: SearchGuide | None = None,
 ) -> SearchState:
     """Generations from ``state`` until ``cfg.generations`` are complete.
 
@@ -464,7 +607,7 @@ def run_search(
     after a JSON round-trip, ends exactly where this one does. ``progress`` is passed to each generation.
     """
     while state.generation < cfg.generations:
-        state = run_generation(state, genes, evaluate, cfg, n_windows, seq_len, progress)
+        state = run_generation(state, genes, evaluate, cfg, n_windows, seq_len, progress, guide)
         record = state.history[-1]
         log.info(
             "iteration %d generation %d/%d: fitness %.6g (%d offspring, %d evaluations)",

@@ -135,7 +135,8 @@ def _attention_block(geo: Geometry, layer: int, kept: torch.Tensor) -> dict:
         f"nemotron-nas cannot express layer {layer}: its attention keeps {heads} of {geo.heads} query heads "
         f"({shape} KV groups: kept heads per KV group {per_group}), but the format gives every non-no_op "
         f"attention all num_attention_heads={geo.heads} query heads (only n_heads_in_group varies per layer); "
-        "use the compact (or masked) export"
+        "use the compact (or masked) export, or prune with search.attention=whole (the serve-vllm recipe), under "
+        "which every attention keeps all its heads or none"
     )
 
 
