@@ -1,4 +1,4 @@
-"""The ``tyr`` CLI and its deployment files: help, exit codes and one-line messages for bad input (with nothing
+"""The ``tyr`` CLI and its deployment files: exit codes and one-line messages for bad input (with nothing
 committed changed), recipes, runs and progress read from a store, prefect.yaml, the worker image and compose file.
 Slow tests run the flow end to end (file store and embedded SeaweedFS), serve the store, and deploy to a real
 Prefect server."""
@@ -55,32 +55,6 @@ def make_run(base: Path, run_id: str, preset: str = "tiny-test") -> tuple[object
     return store, config
 
 
-# ------------------------------------------------------------------------------------------------- help
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        [],
-        ["prune"],
-        ["runs"],
-        ["runs", "show"],
-        ["runs", "gc"],
-        ["eval"],
-        ["export"],
-        ["store"],
-        ["store", "serve"],
-        ["demo"],
-        ["recipes"],
-        ["presets"],
-    ],
-)
-def test_help_of_every_command(command, capsys):
-    code, out, _ = run_cli([*command, "--help"], capsys)
-    assert code == 0
-    assert out.startswith(f"usage: tyr {' '.join(command)}".rstrip()) and "exit codes" in out
-
-
 # ------------------------------------------------------------------------------------------------- bad input
 
 
@@ -93,7 +67,7 @@ def test_help_of_every_command(command, capsys):
             ["prune", "smollm2-135m", "--sparsity", "0.5", "--recipe", "nope"],
             "unknown recipe 'nope' (--recipe); recipes: cpu-small, demo, paper, serve-vllm, tiny-test",
         ),
-        (["prune", "tiny-test", "--set", "prune.bogus=1"], "prune.bogus: Extra inputs are not permitted"),
+        (["prune", "tiny-test", "--set", "prune.bogus=1"], "unknown setting 'prune.bogus' (--set prune.bogus=1)"),
         (["prune", "tiny-test", "--set", "prune.target_sparsity=1.5"], "prune.target_sparsity: Input should be less"),
         (["prune", "tiny-test", "--set", "prune.target_sparsity=0"], "prune.target_sparsity: Input should be greater"),
         (["prune", "tiny-test", "--set", "prune.iterations"], "must look like section.field=value"),

@@ -119,12 +119,27 @@ def signals_as_interrupt(*signals: signal.Signals) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-EPILOG = """exit codes: 0 success; 1 the run (export, eval) failed, or another process holds the run; 2 refused
-before anything ran (arguments, model, recipe, config key or value, store URL or store, run id reused with
-another config).
-store: --store, else $TYR_STORE_URL (file:///PATH or s3://BUCKET/PREFIX, with --endpoint-url or
-$TYR_S3_ENDPOINT_URL for non-AWS S3; credentials from the AWS chain), else the embedded SeaweedFS, started for the
-duration of the command (data in ~/.cache/tyr/seaweedfs, or $TYR_CACHE/seaweedfs)."""
+EPILOG = """\
+exit codes: 0 done; 1 the run (export, eval) failed, or another process holds the run; 2 refused before anything \
+ran (arguments, model, recipe, config key or value, store URL or store, run id reused with another config); \
+130 interrupted (committed work is kept: the same command resumes).
+store: --store, else $TYR_STORE_URL (file:///PATH or s3://BUCKET/PREFIX, with --endpoint-url or \
+$TYR_S3_ENDPOINT_URL for non-AWS S3; credentials from the AWS chain), else the embedded SeaweedFS, started for the \
+duration of the command (data in ~/.cache/tyr/seaweedfs, or $TYR_CACHE/seaweedfs).
+Each command's --help lists its options; tyr config keys lists every --set setting."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own to the terminal's width: line breaks are kept (the
+    epilog's paragraphs) and no line runs past the width, as RawDescriptionHelpFormatter's would."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n".join(
+            textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent + "  ") if line else ""
+            for line in text.splitlines()
+        )
 
 
 def positive_int(text: str) -> int:
@@ -162,12 +177,7 @@ def add_command(
     help_: str,
     description: str = "",
 ) -> argparse.ArgumentParser:
-    parser = sub.add_parser(
-        name,
-        help=help_,
-        description=description or help_,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    # The shared epilog is on ``tyr --help`` only: repeated under every command it buried their own options.
+    parser = sub.add_parser(name, help=help_, description=description or help_, formatter_class=HelpFormatter)
     parser.set_defaults(handler=handler)
     return parser

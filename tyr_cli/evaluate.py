@@ -26,6 +26,7 @@ def load_model_for_eval(
     from tyr_core.families import resolve_model
 
     folder = resolve_model(source)
+    check_tokenizer_files(source, folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -35,6 +36,20 @@ def load_model_for_eval(
         hint = "" if trust_remote_code else " (if it needs its own code, and you trust it: --trust-remote-code)"
         raise UnsupportedModelError(f"cannot load {source} as a causal LM: {one_line(str(err))}{hint}") from None
     return model.eval(), tokenizer, folder
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tekken.json")
+
+
+def check_tokenizer_files(source: str, folder: Path) -> None:
+    """A folder without a tokenizer is named as such, not found later as text of 0 tokens."""
+    from tyr_core.errors import UnsupportedModelError
+
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UnsupportedModelError(
+            f"{source}: the model folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}): copy "
+            "them from the model it was made from"
+        )
 
 
 def eval_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -99,12 +114,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("model", metavar="MODEL", help="HF folder, .gguf file, hub name, smollm2-135m or tiny-random-llama")
     p.add_argument("--text", nargs="+", metavar="FILE", help="text files (.txt/.json/.jsonl/.parquet) or folders")
     p.add_argument("--dataset", metavar="NAME", help="a datasets name instead of files (needs a network)")
-    p.add_argument("--dataset-config", metavar="NAME")
-    p.add_argument("--split", default="test")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--dataset-config", metavar="NAME", help="the dataset's config, e.g. wikitext-2-raw-v1")
+    p.add_argument("--split", default="test", help="the dataset's split (default test)")
+    p.add_argument("--text-field", default="text", help="the field holding the text (default text)")
     p.add_argument("--seq-len", type=positive_int, default=512, metavar="N", help="tokens per window (default 512)")
     p.add_argument("--max-windows", type=positive_int, default=16, metavar="N", help="windows scored (default 16)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights' dtype (default float32)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off unless asked)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")

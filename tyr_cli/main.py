@@ -5,28 +5,56 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from collections.abc import Iterator
 
-from tyr_core.errors import TyrError
+from tyr_core.errors import ConfigError, TyrError
 
-from . import demo, evaluate, export, prune, recipes, runs, store
-from .common import EPILOG, InvalidInput, err_console, report_error, signals_as_interrupt
+from . import config, demo, evaluate, export, prune, recipes, runs, store
+from .common import EPILOG, HelpFormatter, InvalidInput, err_console, report_error, signals_as_interrupt
 
 # Each command's module adds its parser (its flags, help and handler); the order is the order of ``tyr --help``.
-COMMANDS = (prune, runs, evaluate, export, store, demo, recipes)
+COMMANDS = (prune, runs, evaluate, export, store, demo, recipes, config)
+
+DESCRIPTION = """\
+Týr-the-Pruner: structural pruning of Llama-family LLMs, as Prefect flows with S3 checkpoints.
+First run: tyr demo (SmolLM2-135M to 50% on the CPU, about 20 min on 2 cores), or tyr prune tiny-test \
+(a tiny random model, about a minute) to check the installation; tyr recipes lists the recipes and shorthands."""
+
+INTERRUPTED = "interrupted: committed work is kept; the same command resumes it"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tyr",
-        description="Týr-the-Pruner: structural pruning of Llama-family LLMs, as Prefect flows with S3 checkpoints.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="tyr", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
+    for _, child in subcommands(parser):
+        # One epilog, on ``tyr --help``; every command's help wrapped to the terminal, whoever built its parser.
+        child.epilog = None
+        child.formatter_class = HelpFormatter
     return parser
+
+
+def subcommands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (command path, parser) under ``parser``, depth first: ``(("runs",), ...), (("runs", "show"), ...)``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield (*path, name), child
+                yield from subcommands(child, (*path, name))
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What needs no store, model or server is checked before any of them starts: a run id first."""
+    from tyr_runtime.storage import check_run_id
+
+    for name in ("run_id", "run"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            check_run_id(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         with signals_as_interrupt(signal.SIGTERM):
+            try:
+                check_arguments(args)
+            except ConfigError as err:
+                raise InvalidInput(str(err)) from err
             return args.handler(args)
     except InvalidInput as err:
         report_error(err.__cause__ or err, args.debug)
@@ -46,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except TyrError as err:
         report_error(err, args.debug)
         return 1
-    except KeyboardInterrupt:
-        err_console.print("interrupted: committed work is kept; the same command resumes it")
+    except KeyboardInterrupt as err:  # a run's own message names it
+        err_console.print(str(err) or INTERRUPTED, highlight=False)
         return 130
     except Exception as err:  # a bug or the environment (out of memory, a dependency): still one line
         report_error(err, args.debug, prefix=f"failed ({type(err).__name__}; --debug shows the traceback)")

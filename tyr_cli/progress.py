@@ -9,14 +9,13 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from tyr_core.errors import TyrError
-from tyr_runtime.run_status import committed_phases
 
 from .common import err_console
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from tyr_core.config import RunConfig
     from tyr_core.store import Store
 
@@ -35,6 +34,8 @@ class ProgressPoller(threading.Thread):
         self.plans: dict[int, dict] = {}
 
     def poll(self) -> None:
+        from tyr_runtime.run_status import committed_phases
+
         phases = committed_phases(self.store, self.config, self.plans)
         current = next((p.id for p in phases if p.done < p.total), None)
         for phase in phases:
@@ -59,6 +60,15 @@ class ProgressPoller(threading.Thread):
 
 @contextlib.contextmanager
 def progress_bars(store: Store, config: RunConfig, enabled: bool) -> Iterator[None]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     live = err_console.is_terminal
     columns = (
         TextColumn("{task.description}"),
@@ -83,10 +93,13 @@ def progress_bars(store: Store, config: RunConfig, enabled: bool) -> Iterator[No
 
 
 class _HideTyrTracebacks(logging.Filter):
-    """tyr's own errors carry clear messages, which the CLI prints as one line: no traceback for them."""
+    """tyr's own errors carry clear messages, which the CLI prints as one line: no traceback for them; nor Prefect's
+    crash lines after Ctrl-C, which the CLI's one line about resuming replaces (the Prefect API still gets them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], TyrError))
+        if record.exc_info and isinstance(record.exc_info[1], TyrError | KeyboardInterrupt):
+            return False
+        return "aborted by an interrupt signal" not in record.getMessage()
 
 
 def quiet_console(verbose: bool) -> None:

@@ -6,12 +6,10 @@ import argparse
 import contextlib
 from typing import TYPE_CHECKING
 
-from rich.table import Table
-
 from tyr_core.errors import RunLockedError
-from tyr_runtime.run_status import list_run_ids, run_summary, saved_config
 
 from .common import (
+    InvalidInput,
     add_command,
     fmt_params,
     fmt_ppl,
@@ -23,15 +21,23 @@ from .common import (
     refusing,
     store_flags,
 )
-from .location import existing_run_store, open_location
+from .location import embedded_data_dir, existing_run_store, open_existing_location, open_location
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from tyr_core.store import Store
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from tyr_runtime.run_status import list_run_ids, run_summary
+
     with contextlib.ExitStack() as stack:
-        location = open_location(args, stack)
+        location = open_existing_location(args, stack)
+        if location is None:
+            return _no_runs(args, f"the embedded store (no data in {embedded_data_dir()} yet)")
         with refusing():
             base = location.base()
             rows = [run_summary(location.run(run_id), run_id) for run_id in list_run_ids(base)]
@@ -53,8 +59,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_runs(args: argparse.Namespace, where: str) -> int:
+    if getattr(args, "json", False):
+        print_json([])
+    else:
+        out_console.print(f"no runs in {where}", highlight=False)
+    return 0
+
+
 def _summary(store: Store, run_id: str) -> dict:
     """The run's detailed summary; an unreadable ``run.json`` is refused (exit 2), like a run that does not exist."""
+    from tyr_runtime.run_status import run_summary, saved_config
+
     with refusing():
         saved = saved_config(store, run_id)
     return run_summary(store, run_id, detail=True, saved=saved)
@@ -62,7 +78,11 @@ def _summary(store: Store, run_id: str) -> dict:
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
-        location = open_location(args, stack)
+        location = open_existing_location(args, stack)
+        if location is None:
+            raise InvalidInput(
+                f"run {args.run_id!r} does not exist: the embedded store has no data in {embedded_data_dir()} yet"
+            )
         with refusing():
             store = existing_run_store(location, args.run_id)
         summary = _summary(store, args.run_id)
@@ -74,6 +94,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 
 def print_run(s: dict) -> None:
+    from rich.table import Table
+
     out_console.print(
         f"[bold]{s['run_id']}[/bold] {s['status']}: iteration {s['iteration']}/{s['iterations_total']}, generation "
         f"{s['generation']}/{s['generations_total']}, {human_bytes(s['bytes_stored'])} in {s['objects']} objects "
@@ -109,6 +131,8 @@ def _mean_by_kind(sparsities: dict[str, float]) -> tuple[float, float]:
 
 def _sparsity_table(sparsities: dict[str, float], iteration: int | None) -> Table:
     """One row per layer: the attention and MLP sparsity the search chose."""
+    from rich.table import Table
+
     table = Table(title=f"per-sublayer sparsity (iteration {iteration})")
     for column in ("layer", "attention", "MLP"):
         table.add_column(column, justify="right")
@@ -155,11 +179,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     show = add_command(
         runs, "show", cmd_runs_show, "status, per-iteration results, final sparsities and bytes of a run"
     )
-    show.add_argument("run_id", metavar="ID")
+    show.add_argument("run_id", metavar="ID", help="the run's id (tyr runs lists them)")
     store_flags(show)
     json_flag(show)
     gc = add_command(runs, "gc", cmd_runs_gc, "delete the stats and supernets of a run's earlier iterations")
-    gc.add_argument("run_id", metavar="ID")
+    gc.add_argument("run_id", metavar="ID", help="the run's id (tyr runs lists them)")
     gc.add_argument("--keep-last", type=positive_int, metavar="N", help="iterations to keep (default: the run's)")
     store_flags(gc)
     json_flag(gc)
