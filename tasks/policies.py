@@ -17,6 +17,7 @@ from prefect.serializers import JSONSerializer
 
 from tyr_core.errors import InvalidKeyError, NoSuchBucketError, StoreCredentialsError, StoreError, TyrError
 from tyr_core.store import remaining
+from tyr_runtime.results import install_result_guard
 from tyr_runtime.workspace import RunRef, cache_scope, workspace
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ def _transient(_task: Task[..., Any], _task_run: TaskRun, state: State) -> bool:
 # can sit in a bucket beside the artefacts, and a pickle read back from it at the next Retry would run its code. No
 # object decoder: a result read back never names a class to import.
 RESULT_SERIALIZER = JSONSerializer(object_decoder=None)
+# Prefect reads a record back with the serializer the record names, not this one: refuse any other before decoding
+install_result_guard()
 JSON_RESULTS = dict(result_serializer=RESULT_SERIALIZER)
 
 IO_RETRIES = dict(
