@@ -169,3 +169,20 @@ def test_config_keys_lists_every_setting_with_type_default_and_meaning(capsys):
     assert code == 0 and "search.offspring (int, default 128)" in out
     code, _, err = run_cli(["config", "keys", "--recipe", "nope"], capsys)
     assert code == 2 and "unknown recipe 'nope'" in err
+
+
+def test_the_summary_states_target_physical_fractions_and_wall_time(capsys):
+    from types import SimpleNamespace
+
+    from flows.recipes import resolve_config
+    from tyr_cli.prune import print_summary
+
+    run = SimpleNamespace(config=resolve_config("tiny-test"), run_id="r1", store=SimpleNamespace(url="file:///s"))
+    dense = {"total": 3_219_776}
+    pruned = {"total": 3_187_008, "removed_fraction": 0.443}
+    result = {"report": {"baselines": {"dense_params": dense, "uniform_params": pruned}, "tyr_params": pruned}}
+    print_summary(result, 110.0, {}, run)
+    out = capsys.readouterr().out
+    assert "target: 50.0% of attention heads and MLP neurons" in out
+    assert "physically removed: 1.0% of the model's (3,219,776 -> 3,187,008), 44.3% of the decoder's" in out
+    assert "wall time: 1m50s (from the command's start)" in out

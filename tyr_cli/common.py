@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -23,6 +24,10 @@ from tyr_core.redaction import redact, without_userinfo  # noqa: F401 - the CLI'
 err_console = Console(stderr=True, soft_wrap=True)  # progress, notes and errors: never wrapped mid-line
 
 out_console = Console(soft_wrap=True)  # tables and results for people
+
+
+# When this command started (``main`` sets it): the wall time a person waited, server starts and checks included.
+command_started = time.perf_counter()
 
 
 class InvalidInput(Exception):

@@ -11,8 +11,6 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from .common import err_console
-
 
 class _SessionSubprocess:
     """The ``subprocess`` module as Prefect's server module sees it while it starts the server: ``Popen`` opens a new
@@ -78,7 +76,3 @@ def drain_prefect_workers() -> None:
         APILogWorker.drain_all(timeout=10)
     with contextlib.suppress(Exception):
         EventsWorker.drain_all(timeout=10)
-
-
-def note(message: str) -> None:
-    err_console.print(f"[dim]{message}[/dim]", highlight=False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 from tyr_core.errors import ConfigError, TyrError
 
-from . import config, demo, evaluate, export, prune, recipes, runs, store
+from . import common, config, demo, evaluate, export, prune, recipes, runs, store
 from .common import EPILOG, HelpFormatter, InvalidInput, err_console, report_error, signals_as_interrupt
 
 # Each command's module adds its parser (its flags, help and handler); the order is the order of ``tyr --help``.
@@ -59,6 +60,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``tyr ARGV``; returns the exit code (0 success, 1 failed, 2 refused before anything ran, 130 interrupted)."""
+    common.command_started = time.perf_counter()
     args = build_parser().parse_args(argv)
     # Offline hosts, and nobody asked to report usage: no server analytics, no client telemetry (nor its notice).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

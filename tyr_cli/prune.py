@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tyr_core import keys
 from tyr_core.errors import ConfigError, IncompatibleRunError, RunLockedError
 
+from . import common
 from .common import (
     add_command,
     err_console,
@@ -261,7 +262,6 @@ def run_flow(run: PreparedRun, verbose: bool, show_progress: bool) -> tuple[dict
     from .progress import progress_bars, quiet_console
 
     named = is_config_file(run.target) or is_shorthand(run.target)
-    started = time.perf_counter()
     quiet_console(verbose)
     with contextlib.ExitStack() as servers, stop_on_first_interrupt(run.run_id):
         api = without_userinfo(prefect_api_url())
@@ -284,7 +284,7 @@ def run_flow(run: PreparedRun, verbose: bool, show_progress: bool) -> tuple[dict
         except Exception:
             err_console.print(f"[dim]committed work is kept: the same command resumes run {run.run_id}[/dim]")
             raise
-    return result, time.perf_counter() - started
+    return result, time.perf_counter() - common.command_started
 
 
 def cmd_prune(args: argparse.Namespace, copy_always: bool = False) -> int:
@@ -348,9 +348,20 @@ def print_summary(result: dict, wall: float, copied: dict[str, Path], run: Prepa
     out_console.print(table)
     before, after = (base.get("dense_params") or {}).get("total"), (tyr_params or {}).get("total")
     if before and after:
-        out_console.print(f"parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})")
-    out_console.print(f"wall time: {wall / 60:.1f} min")
+        removed = (tyr_params or {}).get("removed_fraction")
+        decoder = f", {removed:.1%} of the decoder's" if isinstance(removed, float) else ""
+        out_console.print(
+            f"target: {run.config.prune.target_sparsity:.1%} of attention heads and MLP neurons; parameters "
+            f"physically removed: {1 - after / before:.1%} of the model's ({before:,} -> {after:,}){decoder}",
+            highlight=False,
+        )
+    out_console.print(f"wall time: {_duration(wall)} (from the command's start)", highlight=False)
     _print_export_locations(result, copied, run)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _print_export_locations(result: dict, copied: dict[str, Path], run: PreparedRun) -> None:
