@@ -13,7 +13,10 @@ from typing import Any
 
 from tyr_core.config import RunConfig, load_run_config, load_yaml
 from tyr_core.errors import ConfigError
-from tyr_core.families import SMOLLM2, TINY_RANDOM
+
+# tyr_core.families' names of the two models that come with tyr: importing it would load torch, which `tyr recipes`
+# and `tyr config keys` do not need (tests/test_cli_help.py checks that the names agree).
+SMOLLM2, TINY_RANDOM = "smollm2-135m", "tiny-random-llama"
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "deployments" / "recipes"
 DEFAULT_RECIPE = "paper"

@@ -66,3 +66,13 @@ def test_the_epilog_is_on_tyr_help_only_and_it_says_what_to_run_first(capsys, mo
 def test_help_wraps_to_a_narrower_terminal(capsys, monkeypatch):
     text = help_text(("prune",), capsys, monkeypatch, columns=60)
     assert max(map(len, text.splitlines())) <= 60
+
+
+def test_the_model_names_that_recipes_repeat_agree_with_the_families_module():
+    import flows.recipes
+    import tyr_core.families
+
+    assert (flows.recipes.SMOLLM2, flows.recipes.TINY_RANDOM) == (
+        tyr_core.families.SMOLLM2,
+        tyr_core.families.TINY_RANDOM,
+    )
