@@ -186,3 +186,31 @@ def test_the_summary_states_target_physical_fractions_and_wall_time(capsys):
     assert "target: 50.0% of attention heads and MLP neurons" in out
     assert "physically removed: 1.0% of the model's (3,219,776 -> 3,187,008), 44.3% of the decoder's" in out
     assert "wall time: 1m50s (from the command's start)" in out
+
+
+def test_runs_show_names_the_final_iteration_and_its_validation_kl(tmp_path, capsys):
+    from flows.recipes import resolve_config
+    from tyr_core import keys
+    from tyr_core.store import commit_bytes
+    from tyr_runtime.storage import run_store
+
+    config = resolve_config("tiny-test")
+    store = run_store(f"file://{tmp_path}", "r1")
+
+    def commit(key: str, obj: dict) -> None:
+        commit_bytes(store, key, json.dumps(obj).encode(), "test")
+
+    commit(keys.RUN_CONFIG, {"run_id": "r1", "config": config.model_dump(mode="json"), "artefact_hash": "h"})
+    for it, search_kl, validation_kl in ((1, 0.5, 0.25), (2, 0.125, 0.375)):  # the search KL favours iteration 2
+        body = {
+            "iteration": it,
+            "fitness": search_kl,
+            "validation_fitness": validation_kl,
+            "levels": [0],
+            "sparsities": {},
+        }
+        commit(keys.result_key(it), body)
+    commit(keys.final_report_key(config.prune.iterations), {"iteration": 1, "tyr_ppl": 2.0})
+    code, out, _ = run_cli(["runs", "show", "r1", "--store", f"file://{tmp_path}"], capsys)
+    assert code == 0 and "validation KL" in out and "*1" in out and "*2" not in out
+    assert "final model: iteration 1, the lowest validation KL" in out

@@ -103,13 +103,21 @@ def print_run(s: dict) -> None:
         highlight=False,
     )
     if s["iterations"]:
-        table = Table(title="iterations")
-        for column in ("iteration", "fitness (KL)", "mean attention sparsity", "mean MLP sparsity"):
+        table = Table(title="iterations (* the final model)")
+        for column in ("iteration", "search KL", "validation KL", "attention sparsity", "MLP sparsity"):
             table.add_column(column, justify="right")
         for r in s["iterations"]:
             attn, mlp = _mean_by_kind(r["sparsities"])
-            table.add_row(str(r["iteration"]), f"{r['fitness']:.5g}", f"{attn:.1%}", f"{mlp:.1%}")
+            mark = "*" if r["iteration"] == s["final_iteration"] else ""
+            table.add_row(
+                f"{mark}{r['iteration']}",
+                _kl(r.get("fitness")),
+                _kl(r.get("validation_fitness")),
+                f"{attn:.1%}",
+                f"{mlp:.1%}",
+            )
         out_console.print(table)
+        out_console.print(_why_chosen(s), highlight=False)
     if s["final_sparsities"]:
         out_console.print(_sparsity_table(s["final_sparsities"], s["final_iteration"]))
     if s["report"]:
@@ -121,6 +129,24 @@ def print_run(s: dict) -> None:
         )
     if s["exports"]:
         out_console.print(f"exports: {', '.join(s['exports'])} (tyr export {s['run_id']} --format F --out DIR)")
+
+
+def _kl(value: float | None) -> str:
+    return f"{value:.5g}" if isinstance(value, int | float) else "-"
+
+
+def _why_chosen(s: dict) -> str:
+    """Which iteration is the final model and why: the lowest validation KL, the winner's KL on every validation
+    window (the same windows for every iteration), where the search KL is on the search's last minibatch only."""
+    final = s["final_iteration"]
+    if not s["report"]:
+        return f"final model so far: iteration {final}, the latest (the choice is made when the run completes)"
+    if not any(isinstance(r.get("validation_fitness"), int | float) for r in s["iterations"]):
+        return f"final model: iteration {final}, as the run's report names it"
+    return (
+        f"final model: iteration {final}, the lowest validation KL (every validation window, the same for each "
+        "iteration; the search KL covers the search's last minibatch only)"
+    )
 
 
 def _mean_by_kind(sparsities: dict[str, float]) -> tuple[float, float]:
