@@ -38,7 +38,6 @@ def cmd_store_serve(args: argparse.Namespace) -> int:
 
 
 def announce_server(server: EmbeddedSeaweed, as_json: bool) -> None:
-    creds = server.client_options()  # the server's generated pair (kept 0600 in its data folder)
     info = {
         "endpoint_url": server.endpoint_url,
         "store_url": server.store_url,
@@ -51,10 +50,11 @@ def announce_server(server: EmbeddedSeaweed, as_json: bool) -> None:
         return
     print(
         f"SeaweedFS S3 at {server.endpoint_url} (bucket {server.store_url}, data in {server.data_dir}).\n"
-        "In another shell:\n"
+        "tyr commands with the same TYR_CACHE use it as they are. Elsewhere, in another shell:\n"
         f"  export TYR_STORE_URL={server.store_url} TYR_S3_ENDPOINT_URL={server.endpoint_url}\n"
-        f"  export AWS_ACCESS_KEY_ID={creds['access_key']} AWS_SECRET_ACCESS_KEY={creds['secret_key']}\n"
-        f"(the server requires this pair; it is kept in {server.credentials_file}, readable by you only)\n"
+        f"  export AWS_ACCESS_KEY_ID=$(jq -r .access_key {server.credentials_file})\n"
+        f"  export AWS_SECRET_ACCESS_KEY=$(jq -r .secret_key {server.credentials_file})\n"
+        "(the server requires that key pair; its file is readable by you only, and the secret is never printed)\n"
         "Ctrl-C stops it.",
         flush=True,
     )

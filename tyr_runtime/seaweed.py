@@ -4,11 +4,15 @@ The CLI starts it when no store URL is configured and stops it afterwards; ``tyr
 command on the same data folder uses the server already running there: each user keeps a lease file (named by its pid)
 in ``<data>/tyr-users/``, the command that started the server waits at exit until the other live users are done, and
 leases of dead processes are ignored.
-The server binds to 127.0.0.1 only and checks every request's signature: its key pair is generated once and kept in
+The server runs in a network namespace of its own, so its master, volume, filer, admin and gRPC ports are out of
+every other local user's reach; the host sees one port, 127.0.0.1:<s3.port>, relayed to its S3 unix socket
+(``seaweed_relay.py``), and S3 checks every request's signature: its key pair is generated once and kept in
 ``<data>/s3-credentials.json`` (mode 0600, in a 0700 data folder); give ``access_key``/``secret_key`` to use
-another pair. It runs with umask 077 (its files and its unix sockets are its owner's only), dies with the process
-that started it (Linux: ``PR_SET_PDEATHSIG``), and records its pid in the data folder, so a later start finds and
-stops a server whose owner was killed before it could stop it (one that has no live user left).
+another pair. JWT signing keys in ``<data>/security.toml`` (0600) also make the filer and volume servers refuse
+requests the server did not sign. ``TYR_WEED_SHARED_LOOPBACK=1`` runs it on the host's loopback instead.
+It runs with umask 077 (its files and its unix sockets are its owner's only), dies with the process that started it
+(Linux: ``PR_SET_PDEATHSIG``), and records its pid in the data folder, so a later start finds and stops a server
+whose owner was killed before it could stop it (one that has no live user left).
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ from .seaweed_host import (
     default_data_dir,
     is_weed_of,
     load_or_create_credentials,
+    load_or_create_security,
     started_at,
     weed_binary,
 )
+from .seaweed_relay import SHARED_PORTS_ENV, in_private_network, private_network_error, start_relay, stop_relay
 from .storage import S3Store
 
 log = logging.getLogger(__name__)
@@ -96,6 +102,8 @@ class EmbeddedSeaweed:
         self._waiting_for: list[int] = []
         self._log_start = 0
         self._last_error = ""
+        self._relay: subprocess.Popen | None = None  # the host's only way in: 127.0.0.1:<s3.port> -> S3's socket
+        self._relay_port_taken = False
 
     def __repr__(self) -> str:
         return f"EmbeddedSeaweed(data_dir={str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
@@ -153,6 +161,8 @@ class EmbeddedSeaweed:
                 return self
             self._stop_orphan()
             self.client_options()  # generated before the server reads them
+            load_or_create_security(self.data_dir)
+            self._check_private_network()
             for attempt in range(3):
                 self._spawn(choose_ports(None if attempt else self._saved_ports(), self.requested_port))
                 if self._wait_ready():
@@ -361,6 +371,25 @@ class EmbeddedSeaweed:
             shutil.rmtree(sockets, ignore_errors=True)
         (self.data_dir / _PID_FILE).unlink(missing_ok=True)
 
+    @staticmethod
+    def private_network() -> bool:
+        """Whether the server runs in a network namespace of its own (the default), every port but the relayed S3
+        one out of other local users' reach; ``TYR_WEED_SHARED_LOOPBACK=1`` puts them on the host's loopback."""
+        return os.environ.get(SHARED_PORTS_ENV) != "1"
+
+    def _check_private_network(self) -> None:
+        if not self.private_network():
+            return
+        why = private_network_error()
+        if why is not None:
+            raise StoreError(
+                f"cannot give the embedded SeaweedFS a network of its own ({why}: this host refuses unprivileged user "
+                "namespaces). Without one, its master, filer and volume ports on 127.0.0.1 answer every local user. "
+                "Allow user namespaces (sysctl kernel.unprivileged_userns_clone=1, or a container run with them), use "
+                f"another S3 store (TYR_STORE_URL, TYR_S3_ENDPOINT_URL), or, on a host with no other users, set "
+                f"{SHARED_PORTS_ENV}=1"
+            )
+
     def _save_pid(self) -> None:
         assert self.proc is not None
         record = {
@@ -399,6 +428,7 @@ class EmbeddedSeaweed:
         # a private (0700) folder with a random name; short: AF_UNIX paths <= 107
         self._sockets = self._sockets or Path(tempfile.mkdtemp(prefix="tyr-weed-"))
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
+        private = self.private_network()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self._command(ports),
@@ -406,12 +436,24 @@ class EmbeddedSeaweed:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._environment(),
+                cwd=self.data_dir,  # where weed reads security.toml
                 start_new_session=True,  # its own process group: stop() signals the whole group
-                preexec_fn=child_setup(os.getpid()),
+                preexec_fn=in_private_network(child_setup(os.getpid())) if private else child_setup(os.getpid()),
             )
         atexit.register(self.stop)
+        self._relay_port_taken = False
+        if private:
+            try:
+                self._relay = start_relay(
+                    ports["s3.port"], self._sockets / "s3.sock", self.proc.pid, child_setup(os.getpid())
+                )
+            except OSError as err:  # taken since the ports were chosen: a port race, started again on others
+                self._relay_port_taken = True
+                self._last_error = err.strerror or str(err)
 
     def _stop_process(self) -> None:
+        relay, self._relay = self._relay, None
+        stop_relay(relay)
         proc, self.proc = self.proc, None
         if proc is not None:
             _terminate_group(proc, self.stop_timeout)
@@ -423,7 +465,7 @@ class EmbeddedSeaweed:
         probe = self.open_store(connect_timeout=1, read_timeout=2, max_attempts=1)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
+            if self.proc is None or self.proc.poll() is not None or self._relay_port_taken:
                 return False
             try:
                 probe.check()
@@ -444,10 +486,17 @@ class EmbeddedSeaweed:
             return f.read().decode(errors="replace")
 
     def _lost_port_race(self) -> bool:
+        if self._relay_port_taken:
+            return True
         tail = self._log_tail().lower()
         return "address already in use" in tail or "port allocation failed" in tail
 
     def _startup_failed(self) -> StoreError:
+        if self._relay_port_taken:
+            return StoreError(
+                f"the embedded SeaweedFS could not listen at {self.endpoint_url} ({self._last_error}); give another "
+                "port, or none (a free one is chosen)"
+            )
         code = self.proc.poll() if self.proc is not None else None
         state = f"exited with status {code}" if code is not None else f"did not answer in {self.startup_timeout:g} s"
         last = self._last_error

@@ -18,6 +18,8 @@ from pathlib import Path
 from tyr_core.errors import StoreError
 
 CREDENTIALS_FILE = "s3-credentials.json"  # the generated key pair, 0600
+SECURITY_FILE = "security.toml"  # weed's JWT signing keys, generated beside the key pair, 0600
+_JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
 _PR_SET_PDEATHSIG = 1
 # Every port `weed mini` opens. The admin server's gRPC port is not a flag the worker honours: the worker dials
 # admin.port + 10000, so the admin port is chosen with that one free too (see _free_admin_port).
@@ -102,6 +104,24 @@ def load_or_create_credentials(data_dir: Path) -> tuple[str, str]:
     with os.fdopen(fd, "w") as f:
         json.dump(pair, f)
     return pair["access_key"], pair["secret_key"]
+
+
+def load_or_create_security(data_dir: Path) -> Path:
+    """``data_dir/security.toml`` (0600, generated once): JWT signing keys for the master, volume server and filer,
+    so their HTTP ports refuse reads and writes that the server itself did not sign, and the volume UI off. weed
+    reads it from its working folder, which is ``data_dir``."""
+    path = Path(data_dir) / SECURITY_FILE
+    keys = {name: secrets.token_urlsafe(32) for name in _JWT_SECTIONS}
+    body = "".join(f'[{name}]\nkey = "{key}"\nexpires_after_seconds = 10\n\n' for name, key in keys.items())
+    body += "[access]\nui = false\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    return path
 
 
 def child_setup(parent: int) -> Callable[[], None]:
