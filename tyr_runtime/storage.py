@@ -17,7 +17,7 @@ from .lock import write_guard
 from .s3 import S3Store
 
 SCHEMES = "file:///PATH, a plain path, or s3://BUCKET/PREFIX"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole string: '$' would let a trailing newline in
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: never a drive letter
 
 
@@ -70,7 +70,7 @@ def _file_url_path(url: str) -> str:
 
 def check_run_id(run_id: str) -> str:
     """Return ``run_id`` if it can name a run's folder; raise ``ConfigError`` otherwise."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
         raise ConfigError(
             f"invalid run id {run_id!r}: use 1-128 letters, digits, '-', '_' or '.', starting with a letter or "
             "digit (no '/')"
@@ -83,7 +83,7 @@ def run_store(base_url: str, run_id: str, endpoint_url: str | None = None, **opt
     are refused once this process has lost the run's lock (``lock.write_guard``)."""
     sub = keys.run_prefix(check_run_id(run_id))
     base = open_store(base_url, endpoint_url, **options)
-    store = base.scoped(sub) if isinstance(base, S3Store) else FileStore(base.root / sub)
+    store = base.scoped(sub)  # a FileStore refuses a run folder (or runs/) that is a symbolic link
     store.write_guard = write_guard(store.url)
     return store
 

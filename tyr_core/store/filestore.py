@@ -101,6 +101,12 @@ class FileStore:
                 f"cannot create the store folder {self.root}: {err.strerror}; check the path and its permissions"
             ) from err
 
+    def scoped(self, sub: str) -> FileStore:
+        """The store in the folder ``sub`` below the root (``sub`` is validated like a key); refuses a ``sub`` that
+        goes through a symbolic link, which would take the scoped store's writes and GC outside this one."""
+        self._path(sub.strip("/"))
+        return FileStore(self.root / sub.strip("/"))
+
     @property
     def url(self) -> str:
         return self.root.as_uri()
