@@ -13,6 +13,7 @@ from typing import Any
 
 from tyr_core.config import RunConfig, load_run_config, load_yaml
 from tyr_core.errors import ConfigError
+from tyr_runtime.safety import refuse_caller_parameters
 
 # tyr_core.families' names of the two models that come with tyr: importing it would load torch, which `tyr recipes`
 # and `tyr config keys` do not need (tests/test_cli_help.py checks that the names agree).
@@ -60,7 +61,7 @@ def recipe_names() -> list[str]:
 def load_recipe(name: str) -> dict[str, Any]:
     """A recipe's settings (its ``description`` included), checked to hold neither a model nor a sparsity."""
     path = RECIPE_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in recipe_names() or not path.is_file():  # a name, never a path to another YAML file
         raise ConfigError(
             f"unknown recipe {name!r} (--recipe); recipes: {', '.join(recipe_names())} (tyr recipes shows each)"
         )
@@ -100,6 +101,7 @@ def resolve_config(
     Raises:
         ConfigError: an unknown recipe, a missing sparsity, a recipe given with a config file, an invalid value.
     """
+    refuse_caller_parameters(model=model, preset=preset, overrides=overrides)  # a deployment's caller: method only
     if preset and model:
         raise ConfigError(f"give a model ({model!r}) or a shorthand or config file ({preset!r}), not both")
     target = preset or model or DEFAULT_SHORTHAND

@@ -16,7 +16,7 @@ from tyr_core.store import Store, commit_bytes, is_committed, read_json
 
 from . import ray_engine
 from .lock import acquire_lock, release_lock
-from .safety import refuse_dangerous_settings
+from .safety import refuse_caller_parameters, refuse_dangerous_settings
 from .storage import check_store, run_store
 from .workspace import RunRef, forget
 
@@ -35,6 +35,7 @@ def default_run_id(config: RunConfig) -> str:
 def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpoint_url: str | None) -> RunRef:
     """Create the run (commit ``run.json``) or check that a resumed run has the same config; take its lock."""
     refuse_dangerous_settings(config)  # before anything is written
+    refuse_caller_parameters(store_url=store_url, endpoint_url=endpoint_url)
     endpoint_url = endpoint_url or os.environ.get("TYR_S3_ENDPOINT_URL")
     ref = RunRef(
         run_id=run_id or default_run_id(config), store_url=store_url or default_store_url(), endpoint_url=endpoint_url
