@@ -37,9 +37,7 @@ def test_a_run_folder_that_is_a_symbolic_link_is_refused_and_nothing_outside_is_
         run_store(f"file://{root}", "r1")
     with pytest.raises(StoreError, match="symbolic link"):
         FileStore(root).scoped("runs/r1")
-    assert victim.read_text() == "not the store's" and sorted(p.name for p in victim.parent.iterdir()) == [
-        "victim.txt"
-    ]
+    assert victim.read_text() == "not the store's" and sorted(p.name for p in victim.parent.iterdir()) == ["victim.txt"]
 
 
 def test_a_real_run_folder_is_scoped_as_before(tmp_path):

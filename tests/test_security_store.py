@@ -76,7 +76,7 @@ def test_the_servers_signing_keys_are_generated_private_beside_the_key_pair(tmp_
         assert security.stat().st_mode & 0o777 == 0o600
         text = security.read_text()
         for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
-            assert f"[{section}]\nkey = \"" in text
+            assert f'[{section}]\nkey = "' in text
         first = text
     with EmbeddedSeaweed(data) as server:  # kept across starts: the same keys sign the same data
         assert server.open_store().get_bytes("k") == b"v"

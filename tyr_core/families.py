@@ -80,6 +80,29 @@ class Geometry:
         return self.sublayer_params(kind, torch.arange(self.groups(kind)))
 
 
+# Bounds on config.json's sizes, far above any real Llama-family model (Llama-3.1-405B: 126 layers, hidden 16384,
+# 128 heads, intermediate 53248): a hostile config is refused before it divides by zero or allocates thousands of
+# layers.
+GEOMETRY_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 1 << 17,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "intermediate_size": 1 << 20,
+}
+
+
+def _bounded(name: str, value: object) -> int:
+    limit = GEOMETRY_LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise UnsupportedModelError(
+            f"config.json's {name}={value!r} is out of range: a model tyr prunes has 1 to {limit}; check the model "
+            f"folder's config.json"
+        )
+    return value
+
+
 def geometry(config: PretrainedConfig) -> Geometry:
     """Validate that ``config`` is a supported family and return its geometry.
 
@@ -94,20 +117,23 @@ def geometry(config: PretrainedConfig) -> Geometry:
             f"model architecture {arch!r} (model_type={model_type!r}) is not supported; tyr prunes Llama-family "
             f"causal LMs: {supported}"
         )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads = _bounded("num_attention_heads", config.num_attention_heads)
+    hidden = _bounded("hidden_size", config.hidden_size)
+    kv_heads = _bounded("num_key_value_heads", getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = _bounded("head_dim", getattr(config, "head_dim", None) or hidden // heads)
+    num_layers = _bounded("num_hidden_layers", config.num_hidden_layers)
+    intermediate = _bounded("intermediate_size", config.intermediate_size)
     if heads % kv_heads:
         raise UnsupportedModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
     return Geometry(
         family=model_type,
-        num_layers=config.num_hidden_layers,
-        hidden=config.hidden_size,
+        num_layers=num_layers,
+        hidden=hidden,
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate=config.intermediate_size,
+        intermediate=intermediate,
         qkv_bias=qkv_bias,
         o_bias=model_type != "qwen2" and bool(getattr(config, "attention_bias", False)),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
@@ -141,13 +167,21 @@ def resolve_model(source: str | Path, cache_dir: Path | None = None, revision: s
     return _download(str(source), cache_dir / "hub", revision)
 
 
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
 def _check_folder(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"model folder {path} has no config.json: is it a Hugging Face model folder?")
-    if not any(path.glob("*.safetensors")):
-        found = sorted(p.name for p in path.glob("*.bin"))
+    # the files transformers loads with use_safetensors=True: any other *.safetensors beside a pickled
+    # pytorch_model.bin would pass a looser check and leave the loader to pick the pickle
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.safetensors"))
         hint = f" (found {found}: tyr never unpickles weights; convert them to safetensors first)" if found else ""
-        raise ModelNotFoundError(f"model folder {path} has no *.safetensors weights{hint}")
+        raise ModelNotFoundError(
+            f"model folder {path} has no *.safetensors weights as transformers names them "
+            f"({' or '.join(SAFETENSORS_WEIGHTS)}){hint}"
+        )
     return path
 
 
@@ -202,6 +236,19 @@ def _convert_gguf(path: Path, cache: Path) -> Path:
     return out
 
 
+def _check_raw_sizes(folder: Path) -> None:
+    """config.json's sizes, range-checked before transformers divides by them (hidden_size // heads)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers reports a missing or malformed config itself
+    if not isinstance(raw, dict):
+        return
+    for name in GEOMETRY_LIMITS:
+        if raw.get(name) is not None:
+            _bounded(name, raw[name])
+
+
 def load_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config; custom code in the folder (``auto_map``) runs only when the user asked for it.
 
@@ -209,6 +256,7 @@ def load_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConf
         UnsupportedModelError: the config needs the folder's own code and ``trust_remote_code`` is off, or the
             model is not of a supported family.
     """
+    _check_raw_sizes(Path(folder))
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as err:

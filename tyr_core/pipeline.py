@@ -256,7 +256,7 @@ def run_iteration_local(
     settings = prune_settings(cfg.prune, device_budget_bytes=where.budget_bytes // 2)
     index = build_supernet(SupernetBuild(lm, windows, subs, settings, out, iteration), progress)
     supernet_s = time.perf_counter() - t0
-    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32, use_safetensors=True).eval()
     model.config._attn_implementation = "sdpa"
     forward = resident_or_streamed(model, subs, where, (2 << 30) if cfg.search.prefix_sharing else 0)
     sm = SupernetModel(model, SupernetReader(out), lm.geometry)

@@ -189,7 +189,8 @@ class Workspace:
         """The whole dense model in host memory (export; ``forward_model`` for what computes)."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.model.folder, dtype=self.model.dtype).eval()
+        folder, dtype = self.model.folder, self.model.dtype
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
 
     def forward_model(self) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
         """A dense model that computes on the run's device, and its ``input_ids -> logits``: the model's own forward
