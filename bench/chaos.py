@@ -1,6 +1,6 @@
 """Chaos on the tiny preset, with the embedded SeaweedFS and a real Prefect server; prints JSON.
 
-    python bench/chaos.py [--kills 20] [--fault-kills 3] [--fault-rate 0.05] [--seed 0]
+    python bench/chaos.py [--kills 20] [--fault-kills 3] [--fault-rate 0.05] [--seed 0] [--attacks-only]
 
 1. reference: one uninterrupted run; its committed artefacts (sha256 of every manifest but run.json) are the goal.
 2. kills: ``tyr prune`` SIGKILLed with its whole process group (CLI, embedded SeaweedFS) at random moments, each
@@ -12,6 +12,10 @@
 5. the store server SIGKILLed mid-run and restarted: the run (resumed if it failed) ends with the reference.
 6. a corrupted object: found by a verification pass, deleted with its manifest, recomputed by a resume.
 7. bad inputs (configs, models, stores, run ids, keys): each refused with its message.
+8. attacks (alone with ``--attacks-only``, seconds): result records naming pickle or another decoder, every embedded
+   SeaweedFS port without credentials, deployment parameters outside the method's settings, hostile config.json
+   sizes, a decoy safetensors beside a pickle, a run id with a newline, a run folder that is a symbolic link; counted
+   as tried, refused and succeeded (the goal is 0).
 Every run's output, the Prefect server's database and logs are searched for the store secrets.
 """
 
@@ -404,15 +408,164 @@ def secrets_in(c: Chaos) -> int:
     return found
 
 
+def attack_figures(tried: list[dict]) -> dict:
+    return {
+        "attacks_tried": len(tried),
+        "attacks_refused": sum(a["refused"] for a in tried),
+        "attacks_succeeded": sum(not a["refused"] for a in tried),
+    }
+
+
+class _Planted:
+    """Unpickling this leaves a marker file: the attack succeeded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def _attack(results: list[dict], name: str, attempt, succeeded=lambda: False) -> None:
+    """Run ``attempt``; refused when it raises a TyrError (or returns False) and ``succeeded`` stays False."""
+    from tyr_core.errors import TyrError
+
+    try:
+        outcome = attempt()
+        refused = outcome is False
+        detail = "" if refused else f"accepted: {str(outcome)[:120]}"
+    except TyrError as err:
+        refused, detail = True, f"{type(err).__name__}"
+    except Exception as err:  # anything else is not a clean refusal
+        refused, detail = False, f"failed as {type(err).__name__}: {str(err)[:120]}"
+    if succeeded():
+        refused, detail = False, "the attack's effect happened"
+    results.append({"attack": name, "refused": refused, "detail": detail})
+
+
+def attacks(root: Path) -> list[dict]:
+    """The security attacks, each tried once in this process: planted result records, every embedded SeaweedFS
+    port without credentials, deployment parameters outside the method, hostile model folders and store paths."""
+    import base64
+    import pickle
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    from prefect._internal.result_records import ResultRecord
+
+    import tasks.policies  # noqa: F401 - installs the result guard, as every tyr flow does
+    from flows.recipes import resolve_config
+    from tyr_core.families import geometry, load_config, resolve_model
+    from tyr_runtime import safety
+    from tyr_runtime.seaweed import EmbeddedSeaweed
+    from tyr_runtime.seaweed_host import GRPC_OFFSET
+    from tyr_runtime.storage import check_run_id, run_store
+
+    work = root / "attacks"
+    work.mkdir(parents=True, exist_ok=True)
+    out: list[dict] = []
+    marker = work / "RAN"
+    payload = base64.b64encode(pickle.dumps(_Planted(marker))).decode()
+    serializers = {
+        "pickle": {"type": "pickle", "picklelib": "pickle"},
+        "cloudpickle": {"type": "pickle", "picklelib": "cloudpickle"},
+        "json+pickle jsonlib": {"type": "json", "jsonlib": "pickle", "object_decoder": None},
+        "json+object decoder": {"type": "json", "object_decoder": "prefect.serializers.prefect_json_object_decoder"},
+    }
+    for name, serializer in serializers.items():
+        record = json.dumps({"metadata": {"serializer": serializer, "storage_key": "k"}, "result": payload}).encode()
+        _attack(out, f"result record: {name}", lambda r=record: ResultRecord.deserialize(r), marker.exists)
+
+    data = work / "weed"
+    with EmbeddedSeaweed(data) as server:
+        store = server.open_store()
+        store.put_bytes("runs/r1/secret.bin", b"secret " * 4096)
+        ports = json.loads((data / "tyr-ports.json").read_text())
+        ports["admin.port.grpc"] = ports["admin.port"] + GRPC_OFFSET
+        for port_name, port in ports.items():
+            for method, path, body in (
+                ("GET", "/buckets/tyr/runs/r1/secret.bin", None),
+                ("PUT", "/buckets/tyr/runs/r1/planted", b"x"),
+                ("DELETE", "/buckets/tyr/runs/r1/secret.bin", None),
+                ("GET", "/col/delete?collection=tyr", None),
+                ("GET", "/dir/assign", None),
+            ):
+
+                def unauthenticated(url=f"http://127.0.0.1:{port}{path}", method=method, body=body):
+                    try:
+                        with urllib.request.urlopen(urllib.request.Request(url, body, method=method), timeout=5) as r:
+                            return r.status if r.status >= 400 else f"HTTP {r.status}"
+                    except urllib.error.HTTPError:
+                        return False
+                    except OSError:  # nothing listens there, or not HTTP
+                        return False
+
+                _attack(out, f"weed {port_name} {method} {path.split('?')[0]}", unauthenticated)
+        intact = store.get_bytes("runs/r1/secret.bin") == b"secret " * 4096
+        out.append({"attack": "weed objects intact afterwards", "refused": intact, "detail": ""})
+
+    os.environ["PREFECT__RUNTIME__FLOW_RUN__DEPLOYMENT_ID"] = "00000000-0000-0000-0000-00000000c4a0"
+    saved, safety._deployment_parameters = safety._deployment_parameters, lambda _d: {}
+    try:
+        for name, overrides in {
+            "execution.address": ["execution.engine=ray", "execution.address=ray://attacker:10001"],
+            "calibration.files": ["calibration.files=[/root]"],
+            "calibration.text_field": ["calibration.text_field=refresh_token"],
+            "eval.files": ["eval.files=[/etc]"],
+            "model.trust_remote_code": ["model.trust_remote_code=true"],
+        }.items():
+            _attack(out, f"deployment override {name}", lambda o=overrides: resolve_config("tiny-test", overrides=o))
+        _attack(out, "deployment store_url", lambda: safety.refuse_caller_parameters(store_url="file:///tmp/theirs"))
+        _attack(out, "deployment endpoint_url", lambda: safety.refuse_caller_parameters(endpoint_url="http://x:9"))
+        _attack(out, "deployment preset file", lambda: resolve_config(str(work / "theirs.yaml")))
+    finally:
+        safety._deployment_parameters = saved
+        os.environ.pop("PREFECT__RUNTIME__FLOW_RUN__DEPLOYMENT_ID", None)
+
+    tiny = resolve_model("tiny-random-llama")
+    for name, values in {
+        "heads=0": {"num_attention_heads": 0},
+        "hidden=-64": {"hidden_size": -64},
+        "layers=6000": {"num_hidden_layers": 6000},
+    }.items():
+        folder = work / f"hostile-{name}"
+        shutil.copytree(tiny, folder, dirs_exist_ok=True)
+        config = json.loads((folder / "config.json").read_text()) | values
+        config.pop("head_dim", None)
+        (folder / "config.json").write_text(json.dumps(config))
+        _attack(out, f"config.json {name}", lambda f=folder: geometry(load_config(f)))
+    decoy = work / "decoy"
+    decoy.mkdir(exist_ok=True)
+    shutil.copy(tiny / "config.json", decoy / "config.json")
+    (decoy / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    (decoy / "decoy.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    _attack(out, "decoy safetensors beside a pickle", lambda: resolve_model(decoy))
+    _attack(out, "run id with a trailing newline", lambda: check_run_id("r1\n"))
+    outside = work / "outside"
+    outside.mkdir(exist_ok=True)
+    (work / "store" / "runs").mkdir(parents=True, exist_ok=True)
+    link = work / "store" / "runs" / "r1"
+    if not link.is_symlink():
+        link.symlink_to(outside, target_is_directory=True)
+    _attack(out, "run folder as a symbolic link", lambda: run_store(f"file://{work / 'store'}", "r1"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--fault-kills", type=int, default=3)
     parser.add_argument("--fault-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attacks-only", action="store_true", help="only the security attacks (seconds)")
     args = parser.parse_args()
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="tyr-chaos-"))
+    if args.attacks_only:
+        tried = attacks(root)
+        print(json.dumps({"bench": "chaos", **attack_figures(tried), "attacks": tried}, indent=1))
+        return
     prefect, api = start_prefect(root)
     c = Chaos(root, api, args.seed)
     try:
@@ -426,6 +579,7 @@ def main() -> None:
         store = store_killed(c, reference)
         corrupt = corrupt_and_recompute(c, c.env("kills"), reference)
         bad = bad_inputs(c)
+        tried = attacks(root)
     finally:
         os.killpg(prefect.pid, signal.SIGTERM)
         prefect.wait(timeout=60)
@@ -451,6 +605,7 @@ def main() -> None:
                 "artefacts_lost": lost,
                 "committed_artefacts_recomputed": kills["recomputed"] + faults["recomputed"],
                 "secrets_found_in_logs": secrets_in(c),
+                **attack_figures(tried),
                 "reference_artefacts": len(reference),
                 "kill_chain": kills,
                 "fault_chain": faults | {"rate": args.fault_rate},
@@ -458,6 +613,7 @@ def main() -> None:
                 "store_killed_mid_run": store,
                 "corrupted_object": corrupt,
                 "bad_inputs": bad,
+                "attacks": tried,
                 "wall_s": round(time.monotonic() - started, 1),
             },
             indent=1,
