@@ -71,8 +71,8 @@ def tyr(
                 evaluate_baselines(ref)  # needs iteration 1's centre copies, before GC removes them
             garbage_collect(ref, it)
             log.info("iteration %d: fitness %s", it, result["fitness"])
+        report = evaluate(ref, last)  # before the exports: their model cards state its figures
         exports = [export_format(ref, last, fmt) for fmt in config.export.formats]
-        report = evaluate(ref, last)
         summarize(ref, report, time.perf_counter() - started)
         return {
             "run_id": ref.run_id,

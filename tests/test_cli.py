@@ -348,7 +348,7 @@ def test_tiny_prune_then_resume_show_and_export(tmp_path, capsys, local_prefect)
     code, _, err = run_cli(
         ["export", "c1", "--format", "nemotron-nas", "--out", str(tmp_path / "nas"), "--store", store], capsys
     )
-    assert code == 1 and "nemotron-nas cannot express layer" in err and err.count("\n") == 2  # a note, the error
+    assert code == 2 and "nemotron-nas cannot express layer" in err and err.count("\n") == 2  # a note, the refusal
     assert not (tmp_path / "nas").exists()
 
 

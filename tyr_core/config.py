@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -159,9 +159,18 @@ class EvalConfig(_Strict):
     baselines: bool = Field(True, description="also score the dense, uniform and magnitude models")
 
 
+ExportFormat = Literal["compact", "masked", "nemotron-nas", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+
 class ExportConfig(_Strict):
-    formats: list[Literal["compact", "masked", "nemotron-nas"]] = Field(default_factory=lambda: ["compact"])
-    plot: bool = True
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["compact"], description="formats written at the end of a run (tyr export --help)"
+    )
+    plot: bool = Field(True, description="write the per-layer sparsity plot and JSON beside each export")
+    gguf_type: Literal["f16", "f32"] = Field(
+        "f16", description="weight type of the gguf export (norms stay f32; llama-quantize makes smaller types)"
+    )
 
 
 class TeacherConfig(_Strict):

@@ -44,3 +44,15 @@ def scatter_columns(sub: PrunedSublayer, in_features: int, group_size: int) -> t
     if not sub.removed_all:
         full[:, kept_columns(sub.kept, group_size)] = sub.weight
     return full
+
+
+def full_layout(model: torch.nn.Module) -> PrunedLayout:
+    """The layout that keeps everything, with the model's own output projections: exporting it writes the dense
+    model through the same writer as a pruned one (a like-for-like baseline)."""
+    layout: PrunedLayout = {}
+    for layer, block in enumerate(model.model.layers):
+        heads = block.self_attn.o_proj.weight.shape[1] // block.self_attn.head_dim
+        neurons = block.mlp.down_proj.weight.shape[1]
+        layout[(layer, "attn")] = PrunedSublayer(torch.arange(heads), block.self_attn.o_proj.weight.detach())
+        layout[(layer, "mlp")] = PrunedSublayer(torch.arange(neurons), block.mlp.down_proj.weight.detach())
+    return layout

@@ -8,13 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tyr_core import keys
-from tyr_core.config import RunConfig
+from tyr_core.config import EXPORT_FORMATS, RunConfig
 from tyr_core.errors import ConfigError, MissingArtefactError, TyrError
 from tyr_core.store import Store, is_committed, read_json
 
 from .lock import lock_is_abandoned
-
-EXPORT_FORMATS = ("compact", "masked", "nemotron-nas")  # what ExportConfig.formats accepts
 
 
 @dataclass

@@ -272,10 +272,17 @@ def save_compact(
     return atomic_write(Path(out_dir), lambda tmp: _write_compact(compact, tmp, tokenizer))
 
 
+def write_modeling_files(folder: Path) -> list[str]:
+    """Copy the installed package's ``configuration_tyr.py`` and ``modeling_tyr.py`` into ``folder``: the code a
+    compact export runs always comes from the installed tyr, never from a store others can write."""
+    for name in MODELING_FILES:
+        shutil.copy(_HERE / name, Path(folder) / name)
+    return list(MODELING_FILES)
+
+
 def _write_compact(compact: TyrForCausalLM, tmp: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
     compact.save_pretrained(tmp, safe_serialization=True)
-    for name in MODELING_FILES:
-        shutil.copy(_HERE / name, tmp / name)
+    write_modeling_files(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
 
