@@ -16,15 +16,17 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .budget import ParamBudget
 from .errors import SearchError
 from .grid import Sublayer
 from .keys import Kind
+
+if TYPE_CHECKING:  # the budget module imports torch; the CLI's read-only commands import this one
+    from .budget import ParamBudget
 
 log = logging.getLogger(__name__)
 
