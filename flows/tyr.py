@@ -73,7 +73,7 @@ def tyr(
             log.info("iteration %d: fitness %s", it, result["fitness"])
         report = evaluate(ref, last)  # before the exports: their model cards state its figures
         exports = [export_format(ref, last, fmt) for fmt in config.export.formats]
-        summarize(ref, report, time.perf_counter() - started)
+        summarize(ref, report, time.perf_counter() - started, last)
         return {
             "run_id": ref.run_id,
             "store_url": ref.store_url,

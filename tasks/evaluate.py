@@ -79,13 +79,16 @@ def evaluate(ref: RunRef, iteration: int) -> dict:
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
-def summarize(ref: RunRef, report: dict, wall_s: float) -> None:
-    """The final summary artifact: perplexities, parameters, time, and the sparsity plot of the compact export."""
+def summarize(ref: RunRef, report: dict, wall_s: float, iterations: int) -> None:
+    """The final summary artifact: perplexities, target and parameters removed, the chosen iteration beside the
+    ``iterations`` run, time, and the sparsity plot of the compact export."""
     ws = workspace(ref)
     plot_key = keys.export_file_key("compact", PNG_NAME)
 
     def markdown() -> str:
         plot = ws.fetch(plot_key).read_bytes() if is_committed(ws.store, plot_key) else None
-        return summary_markdown(report, wall_s, plot)
+        results = [read_json(ws.store, keys.result_key(it)) for it in range(1, iterations + 1)]
+        prune = ws.config.prune
+        return summary_markdown(report, wall_s, plot, results, prune.target_sparsity, prune.budget)
 
     publish_markdown(ref.run_id, "summary", markdown, f"run {ref.run_id}: result")

@@ -74,8 +74,48 @@ def _ppl(value: float | None) -> str:
     return "-" if value is None else f"{value:,.2f}"
 
 
-def summary_markdown(report: dict, wall_s: float, plot_png: bytes | None = None) -> str:
-    """The run's result next to its baselines, what was removed, how long it took, and the sparsity plot."""
+def _target(target_sparsity: float | None, budget: str | None) -> str:
+    if target_sparsity is None:
+        return ""
+    of = "the decoder's parameters" if budget == "params" else "attention heads and MLP neurons"
+    return f"Target: {target_sparsity:.1%} of {of}. "
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _chosen_iteration(chosen: int, iterations: list[dict]) -> list[str]:
+    """Every iteration's search and validation KL, the chosen one marked, and the rule that chose it."""
+    if not iterations:
+        return [f"Final model: iteration {chosen}."]
+    lines = [
+        f"Iterations run: {len(iterations)}. Final model: iteration {chosen}, the lowest validation KL (the winner's "
+        "top-k KL to the dense model on every validation window, the same windows for each iteration; the search KL "
+        "covers the search's last minibatch only).",
+        "",
+        "| iteration | search KL | validation KL |",
+        "|---:|---:|---:|",
+    ]
+    for r in iterations:
+        mark = "**" if r["iteration"] == chosen else ""
+        cells = [str(r["iteration"]), _fitness(r.get("fitness")), _fitness(r.get("validation_fitness"))]
+        lines.append("| " + " | ".join(f"{mark}{c}{mark}" for c in cells) + " |")
+    return lines
+
+
+def summary_markdown(
+    report: dict,
+    wall_s: float,
+    plot_png: bytes | None = None,
+    iterations: list[dict] | None = None,
+    target_sparsity: float | None = None,
+    budget: str | None = None,
+) -> str:
+    """The run's result next to its baselines; the target beside what was physically removed; the chosen iteration
+    beside the others (``iterations``: each iteration's result, with its search and validation KL); the wall time of
+    the flow run; the sparsity plot."""
     base = report["baselines"]
     params = report["tyr_params"]
     dense_total = base["dense_params"]["total"]
@@ -89,9 +129,13 @@ def summary_markdown(report: dict, wall_s: float, plot_png: bytes | None = None)
         f"| Týr local pruner, uniform | {_ppl(base.get('uniform_ppl'))} | {base['uniform_params']['total']:,} |",
         f"| **tyr (searched)** | **{_ppl(report.get('tyr_ppl'))}** | **{params['total']:,}** |",
         "",
-        f"Removed {params['removed']:,} parameters ({params['removed_fraction']:.1%} of the decoder layers); "
-        f"{dense_total - params['total']:,} of {dense_total:,} in all. Iterations: {report['iteration']}. "
-        f"Wall time of this attempt: {wall_s / 60:.1f} min.",
+        f"{_target(target_sparsity, budget)}Physically removed: {params['removed']:,} parameters, "
+        f"{params['removed_fraction']:.1%} of the decoder layers' and {1 - params['total'] / dense_total:.1%} of the "
+        f"model's ({dense_total:,} -> {params['total']:,}; embeddings, lm_head and the final norm are never pruned).",
+        "",
+        *_chosen_iteration(report["iteration"], iterations or []),
+        "",
+        f"Wall time of this flow run: {_duration(wall_s)}.",
     ]
     if plot_png:
         encoded = base64.b64encode(plot_png).decode()

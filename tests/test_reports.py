@@ -45,8 +45,30 @@ def test_summary_shows_baselines_parameters_time_and_embeds_the_plot():
     md = summary_markdown(report, 600.0, plot_png=b"\x89PNG fake")
     assert "| dense | 41.90 | 134,515,008 |" in md and "| **tyr (searched)** | **80.50** | **90,000,000** |" in md
     assert "865,073.00" in md and "| Týr local pruner, uniform | 138.70 | 94,000,000 |" in md
-    assert "Removed 40,000,000 parameters (50.0% of the decoder layers)" in md and "10.0 min" in md
+    assert "Physically removed: 40,000,000 parameters, 50.0% of the decoder layers'" in md
+    assert "33.1% of the model's (134,515,008 -> 90,000,000" in md and "Wall time of this flow run: 10 min 00 s." in md
     assert base64.b64encode(b"\x89PNG fake").decode() in md
+
+
+def test_summary_states_the_iterations_run_the_chosen_one_and_why_the_target_and_the_wall_time():
+    report = {
+        "iteration": 1,
+        "tyr_ppl": 80.5,
+        "tyr_params": {"total": 90_000_000, "removed": 40_000_000, "removed_fraction": 0.443},
+        "baselines": {"dense_params": {"total": 134_515_008}, "uniform_params": {"total": 94_000_000}},
+    }
+    iterations = [
+        {"iteration": 1, "fitness": 0.31, "validation_fitness": 0.402},
+        {"iteration": 2, "fitness": 0.27, "validation_fitness": 0.415},  # lower search KL, but not the final model
+    ]
+    md = summary_markdown(report, 110.0, iterations=iterations, target_sparsity=0.5, budget="groups")
+    assert "Iterations run: 2. Final model: iteration 1, the lowest validation KL" in md
+    assert "Iterations: 1" not in md
+    assert "| **1** | **0.31** | **0.402** |" in md and "| 2 | 0.27 | 0.415 |" in md
+    assert "Target: 50.0% of attention heads and MLP neurons. Physically removed: 40,000,000 parameters, 44.3%" in md
+    assert "Wall time of this flow run: 1 min 50 s." in md
+    by_params = summary_markdown(report, 5.0, iterations=iterations[:1], target_sparsity=0.3, budget="params")
+    assert "Target: 30.0% of the decoder's parameters." in by_params and "Iterations run: 1." in by_params
 
 
 def test_an_iteration_without_generations_has_no_fitness_to_show():
