@@ -64,6 +64,7 @@ def llamacpp_figures(path: Path, prompts: dict[int, list[int]], gen: int, thread
         logits_all=False,
         verbose=False,
     )
+    llm.eval(prompts[128][:8])  # warm the weights into the page cache and the threads up once
     out = {}
     for n, ids in prompts.items():
 
@@ -122,7 +123,7 @@ def ratios(pruned: dict, dense: dict) -> dict:
     return {
         key: round(pruned[key]["tokens_per_s"] / dense[key]["tokens_per_s"], 3)
         for key in pruned
-        if "tokens_per_s" in pruned[key]
+        if isinstance(pruned[key], dict)
     }
 
 
