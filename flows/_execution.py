@@ -62,9 +62,13 @@ def without_heartbeats() -> SettingsContext:
     return SettingsContext(profile=context.profile, settings=_quiet_settings[1])
 
 
+# the UI names each export's task run for its format (export-compact); the cache key and result are the task's own
+_named_export = export.with_options(task_run_name="export-{fmt}")
+
+
 def export_format(ref: RunRef, iteration: int, fmt: str) -> dict:
     """One export; a layout the format cannot express (e.g. Nemotron-NAS) is reported, not fatal to the run."""
-    state = export(ref, iteration, fmt, return_state=True)
+    state = _named_export(ref, iteration, fmt, return_state=True)
     if state.is_completed():
         return state.result()
     get_run_logger().warning("export %s refused: %s", fmt, state.message)

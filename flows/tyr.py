@@ -96,6 +96,7 @@ def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:
 
 @flow(
     name="tyr-iteration",
+    flow_run_name="iteration-{iteration}",
     task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_PRUNES),
     result_serializer=RESULT_SERIALIZER,  # JSON, never pickles: for its tasks without a policy of their own too
 )

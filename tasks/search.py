@@ -42,6 +42,7 @@ def sensitivity_scan(ref: RunRef, iteration: int) -> dict:
 
 @task(
     name="search-generation",
+    task_run_name="search-generation-gen{generation}",
     cache_key_fn=artefact_cache_key(lambda p: keys.search_state_key(p["iteration"], p["generation"])),
     **IO_RETRIES,
 )

@@ -42,7 +42,9 @@ def _step(ref: RunRef, step: str, *args):
     return engine.build(step, *args)
 
 
-@task(name="layer-stats", cache_policy=NO_CACHE)
+# A run's name is its task's, '-', and a suffix (the layer, a generation, a format) without '-', nemotron-nas's aside:
+# tools that group task runs by task take the name before the last '-', as in Prefect's default names.
+@task(name="layer-stats", task_run_name="layer-stats-layer{layer}", cache_policy=NO_CACHE)
 def layer_stats(ref: RunRef, iteration: int, layer: int) -> dict:
     """H of o_proj and down_proj for one layer, kept in the worker for its local-prune tasks."""
     return _step(ref, "layer_stats", iteration, layer)
@@ -53,7 +55,12 @@ def _copy_keys(params: dict) -> list[str]:
     return [keys.copy_key(it, layer, k, lv) for lv, kinds in params["levels"].items() for k in kinds]
 
 
-@task(name="local-prune", cache_key_fn=artefact_cache_key(_copy_keys), **IO_RETRIES)
+@task(
+    name="local-prune",
+    task_run_name="local-prune-layer{layer}",
+    cache_key_fn=artefact_cache_key(_copy_keys),
+    **IO_RETRIES,
+)
 def local_prune(ref: RunRef, iteration: int, layer: int, levels: dict[int, list[str]]) -> list[dict]:
     """One layer at some of its levels (``levels``: level -> the sublayers whose grid has it): a compact pruned copy
     of each, each committed; returns their index entries, in level order.
@@ -67,7 +74,7 @@ def local_prune(ref: RunRef, iteration: int, layer: int, levels: dict[int, list[
     ]
 
 
-@task(name="accumulate", cache_policy=NO_CACHE)
+@task(name="accumulate", task_run_name="accumulate-layer{layer}", cache_policy=NO_CACHE)
 def accumulate(ref: RunRef, iteration: int, layer: int) -> int:
     """Advance the calibration activations past ``layer`` with its expected weights (paper eq. 5)."""
     return _step(ref, "accumulate", iteration, layer)

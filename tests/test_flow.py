@@ -31,7 +31,8 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     url = f"file://{tmp_path}"
     threads = torch.get_num_threads()
-    out = tyr(preset="tiny-test", run_id="t1", store_url=url)
+    state = tyr(preset="tiny-test", run_id="t1", store_url=url, return_state=True)
+    out = state.result()
     assert torch.get_num_threads() == 1  # the preset's torch_threads, applied by the run to its process
     torch.set_num_threads(threads)
     assert RunRef(run_id="t1", store_url=url) not in _WORKSPACES  # the ended run's models and caches were released
@@ -58,6 +59,7 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
 
     _check_artifacts("t1", out["report"]["tyr_ppl"])
     _check_heartbeats()
+    _check_run_names(state.state_details.flow_run_id)
 
     # a copy committed by an attempt whose task result was lost is returned with the hash the index holds
     from tasks.supernet import local_prune
@@ -116,6 +118,27 @@ def _check_heartbeats() -> None:
     assert flows == {"tyr"}
 
 
+def _check_run_names(flow_run_id) -> None:
+    """The UI names each run for what it does: the iteration subflows by their iteration, the per-layer tasks by
+    their layer, a generation by its number, an export by its format."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter
+
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        assert sorted(f.name for f in subflows) == ["iteration-1", "iteration-2"]
+        names = {
+            run.name
+            for fid in [flow_run_id, *(f.id for f in subflows)]
+            for run in client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id={"any_": [fid]}), limit=200)
+        }
+    layers = {f"{task}-layer{layer}" for task in ("layer-stats", "local-prune") for layer in (0, 1)}
+    wanted = {"accumulate-layer0", "export-compact", "export-masked"} | {f"search-generation-gen{g}" for g in (1, 2)}
+    assert layers | wanted <= names, names
+
+
 def _check_artifacts(run_id: str, tyr_ppl: float) -> None:
     """What a person sees in the UI: the summary, a table per iteration, and the search progress at 100%, each in
     the run it belongs to."""
@@ -132,6 +155,7 @@ def _check_artifacts(run_id: str, tyr_ppl: float) -> None:
     assert set(latest) == set(names)
     assert "tyr (searched)" in latest["summary"].data and f"{tyr_ppl:,.2f}" in latest["summary"].data
     assert "data:image/png;base64," in latest["summary"].data
+    assert "Iterations run: 2. Final model: iteration" in latest["summary"].data
     assert "| 0 |" in latest["iteration-2"].data and "| 1 |" in latest["iteration-2"].data
     assert latest["search-1"].data == 100.0 and latest["search-2"].data == 100.0
     # published from a background thread, each still belongs to the run (and a task's to its task run)
