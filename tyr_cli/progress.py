@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tyr_core.errors import TyrError
@@ -90,6 +92,53 @@ def progress_bars(store: Store, config: RunConfig, enabled: bool) -> Iterator[No
             poller.join(timeout=30)  # one poller at a time touches the bars
             with contextlib.suppress(Exception):
                 poller.poll()  # the final state, once
+
+
+@contextlib.contextmanager
+def preparing() -> Iterator[Callable[[str], None]]:
+    """An ``announce`` callback for what a first use prepares (a model's conversion, a download): each preparation
+    is shown while it runs (a spinner on a terminal, a line in a log) and, once it has finished, a line says how long
+    it took. From the first one to the block's end, the libraries' own progress bars are kept off the display."""
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    current: list[tuple[str, float, Live | None]] = []  # the preparation that runs: (what, started, its spinner)
+    silenced = contextlib.ExitStack()
+    quiet: list[bool] = []
+
+    def stop(done: bool) -> None:
+        if current:
+            what, started, spinner = current.pop()
+            if spinner is not None:
+                spinner.stop()
+            if done:
+                err_console.print(f"[dim]{what}: done in {time.perf_counter() - started:.0f} s[/dim]", highlight=False)
+
+    def announce(what: str) -> None:
+        if not quiet:
+            quiet.append(True)
+            quiet_libraries()
+            # transformers' GGUF conversion draws its bar with tqdm directly, past transformers' own switch: Python's
+            # stderr goes nowhere meanwhile, and this display writes to the real one
+            err_console.file = sys.stderr
+            silenced.callback(setattr, err_console, "file", None)
+            silenced.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        stop(done=True)
+        spinner = None
+        if err_console.is_terminal:
+            spinner = Live(Spinner("dots", what), console=err_console, transient=True, redirect_stderr=False)
+            spinner.start()
+        else:
+            err_console.print(f"[dim]{what}[/dim]", highlight=False)
+        current.append((what, time.perf_counter(), spinner))
+
+    with silenced:
+        try:
+            yield announce
+        except BaseException:
+            stop(done=False)
+            raise
+        stop(done=True)
 
 
 class _HideTyrTracebacks(logging.Filter):

