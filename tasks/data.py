@@ -52,11 +52,11 @@ def _calibration_split(ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _heldout(ws: Workspace) -> torch.Tensor:
-    from tyr_core.calibration import eval_windows, load_documents
+    from tyr_core.calibration import heldout_windows, iter_pieces
 
     ev = ws.config.eval
-    docs = load_documents(resolve_corpus(ev.files), ev.dataset, ev.dataset_config, ev.split, ev.text_field)
-    return eval_windows(ws.tokenizer(), docs, ev.seq_len)[: ev.max_windows]
+    pieces = iter_pieces(resolve_corpus(ev.files), ev.dataset, ev.dataset_config, ev.split, ev.text_field)
+    return heldout_windows(ws.tokenizer(), pieces, ev.seq_len, ev.max_windows)
 
 
 @task(name="teacher", cache_key_fn=artefact_cache_key(lambda p: keys.teacher_index_key()), **IO_RETRIES)

@@ -138,3 +138,95 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
     with pytest.raises(ModelNotFoundError, match="could not be read"):
         resolve_model(bad, cache_dir=tmp_path / "cache")
+
+
+class _SpyTokenizer:
+    """A tokenizer that records every text it is handed."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, []
+        self.eos_token_id = tok.eos_token_id
+
+    def __call__(self, texts, **kwargs):
+        self.texts += [texts] if isinstance(texts, str) else list(texts)
+        return self.tok(texts, **kwargs)
+
+
+def _old_packed(token_docs, seq_len, num_windows, seed, sep):
+    """Packed chunking as it was specified: the whole stream in memory, seeded shuffle of all its windows."""
+    import numpy as np
+
+    stream = [t for ids in token_docs for t in ids + ([sep] if sep is not None else [])]
+    n = len(stream) // seq_len
+    windows = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return windows[torch.from_numpy(np.random.default_rng(seed).permutation(n)[:num_windows])]
+
+
+def test_packed_windows_stream_into_a_fixed_buffer_and_stop_reading_once_it_is_full():
+    docs = [list(range(i * 50, i * 50 + 50)) for i in range(40)]  # 2,000 tokens
+    for sep in (None, 9999):  # a text that fits: the windows of the whole text, as always
+        assert torch.equal(packed_windows(docs, 16, 5, seed=3, sep=sep), _old_packed(docs, 16, 5, 3, sep))
+    assert packed_windows(docs, 16, 5, seed=3, sep=None).dtype == torch.long
+
+    def endless():  # a corpus larger than memory: windows come from its first max_tokens tokens
+        yield from docs
+        raise AssertionError("read past the buffer")
+
+    a = packed_windows(endless(), 16, 5, seed=3, sep=None, max_tokens=1000)
+    assert torch.equal(a, _old_packed(docs[:20], 16, 5, 3, None))
+    # the buffer always holds the windows asked for
+    assert packed_windows(endless(), 16, 70, seed=0, sep=None, max_tokens=100).shape == (70, 16)
+
+
+def test_a_long_text_file_is_read_and_tokenised_in_pieces_cut_after_a_line_break(tmp_path, monkeypatch):
+    from tyr_core import calibration
+    from tyr_core.calibration import iter_documents, iter_pieces
+    from tyr_core.pipeline import calibration_windows
+
+    lines = [f"Enter Hamlet {i}, reading.\r\n" if i % 7 else f"{'x' * 90}\n" for i in range(4000)]
+    big = tmp_path / "big.txt"
+    big.write_bytes("".join(lines).encode())
+    text = "".join(lines).replace("\r\n", "\n")  # universal newlines, as datasets reads a .txt document
+    pieces = list(iter_pieces([str(big)], piece_chars=1000))
+    assert "".join(p for p, _ in pieces) == text
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert all(len(p) <= 1000 and p.endswith("\n") for p, _ in pieces)
+    assert list(iter_documents([str(big)])) == [text]  # whole documents where a caller asks for them
+
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("Act one.\n" * 50)
+    (small / "b.txt").write_text("Act two.\n" * 50)
+    tok = _byte_level_bpe([text[:20000]])
+    cfg = CalibrationConfig(files=[str(small)], seq_len=16, num_windows=4)
+    docs = [tok(p.read_text(), add_special_tokens=False)["input_ids"] for p in sorted(small.iterdir())]
+    assert torch.equal(calibration_windows(cfg, tok), _old_packed(docs, 16, 4, 0, tok.eos_token_id))
+
+    monkeypatch.setattr(calibration, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(calibration, "STREAM_TOKENS", 3000)
+    spy = _SpyTokenizer(tok)
+    windows = calibration_windows(cfg.model_copy(update={"files": [str(big)]}), spy)
+    assert windows.shape == (4, 16)
+    assert max(map(len, spy.texts)) <= 2000  # never the whole document at once
+    assert sum(map(len, spy.texts)) < len(text) // 2  # and it stopped reading once the buffer was full
+
+
+def test_held_out_windows_are_read_only_as_far_as_max_windows_needs():
+    from tyr_core.calibration import eval_windows, heldout_windows
+
+    docs = [f"Scene {i}. The ghost walks at midnight,\nand Horatio speaks to it.\n" * 40 for i in range(20)]
+    tok = _byte_level_bpe(docs)
+    ids = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    whole = torch.tensor(ids[: len(ids) // 16 * 16]).view(-1, 16)
+    assert torch.equal(eval_windows(tok, docs, 16), whole)
+    assert torch.equal(eval_windows(tok, docs, 16, max_windows=5), whole[:5])
+    pieces = [(d, True) for d in docs]
+    assert torch.equal(heldout_windows(tok, pieces, 16, max_windows=5, piece_chars=500), whole[:5])
+
+    def stream():
+        yield from pieces[:2]
+        raise AssertionError("read past what max_windows needed")
+
+    spy = _SpyTokenizer(tok)
+    assert torch.equal(heldout_windows(spy, stream(), 16, max_windows=3, piece_chars=500), whole[:3])
+    assert max(map(len, spy.texts)) <= 500

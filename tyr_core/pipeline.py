@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .budget import ParamBudget, budget_from_index, params_centres
-from .calibration import iter_documents, packed_windows, reference_chunks, tokenize
+from .calibration import iter_pieces, join_pieces, packed_windows, reference_chunks, tokenize_pieces
 from .config import CalibrationConfig, PruneConfig, RunConfig
 from .device import configure_numerics, memory_budget, resolve_device
 from .errors import CalibrationError, ConfigError
@@ -43,16 +43,18 @@ def calibration_windows(cfg: CalibrationConfig, tokenizer: PreTrainedTokenizerBa
     dropped, because the layer-wise executor batches
     fixed-length windows (recorded as a deviation in docs/algorithm.md).
     """
-    docs = iter_documents(cfg.files, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field, cfg.data_files)
-    token_docs = tokenize(tokenizer, docs)
+    pieces = iter_pieces(cfg.files, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field, cfg.data_files)
+    token_pieces = tokenize_pieces(tokenizer, pieces)
     if cfg.chunking == "packed":
-        return packed_windows(token_docs, cfg.seq_len, cfg.num_windows, cfg.seed, tokenizer.eos_token_id)
-    pieces = [
-        p for p in reference_chunks(token_docs, cfg.seq_len, cfg.num_windows * cfg.seq_len) if p.numel() == cfg.seq_len
-    ]
-    if not pieces:
+        sep = tokenizer.eos_token_id
+        stream = (ids + [sep] if last and sep is not None else ids for ids, last in token_pieces)
+        return packed_windows(stream, cfg.seq_len, cfg.num_windows, cfg.seed, sep=None)
+    num_tokens = cfg.num_windows * cfg.seq_len
+    chunks = reference_chunks(join_pieces(token_pieces, num_tokens), cfg.seq_len, num_tokens)
+    whole = [c for c in chunks if c.numel() == cfg.seq_len]
+    if not whole:
         raise CalibrationError(f"no calibration document is at least seq_len={cfg.seq_len} tokens long")
-    return torch.stack(pieces)
+    return torch.stack(whole)
 
 
 def calibration_split(cfg: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
