@@ -660,3 +660,40 @@ def test_gc_of_one_run_leaves_a_sibling_whose_id_it_prefixes(s3):
     assert collect_garbage(r1, 2).iterations == (1,)
     assert r1.list(keys.supernet_prefix(1)) == [] and r1.list(keys.stats_prefix(1)) == []
     assert r10.list("") == sibling and read_verified(r10, keys.copy_key(1, 0, "attn", 0)) == b"copy"
+
+
+def test_copies_from_a_store_are_their_owners_only(s3, tmp_path, monkeypatch):
+    """The workspace cache and ``out/RUN_ID`` hold calibration text and weights: private under a umask of 022."""
+    from tyr_cli.prune import deliver_exports
+    from tyr_runtime import workspace as ws_module
+    from tyr_runtime.workspace import RunRef, workspace
+
+    old = os.umask(0o022)
+    try:
+        folder = FileStore(tmp_path / "store")
+        for store in (s3, folder):
+            commit_bytes(store, "calibration/tokens.safetensors", b"calibration text", "cfg")
+            path = fetch_verified(store, "calibration/tokens.safetensors", tmp_path / "dl" / store.url[:2] / "a" / "t")
+            assert path.stat().st_mode & 0o777 == 0o600
+            assert all((tmp_path / "dl" / store.url[:2] / sub).stat().st_mode & 0o777 == 0o700 for sub in ("", "a"))
+
+        commit_bytes(s3, keys.export_marker_key("masked"), json.dumps({"files": ["model.safetensors"]}).encode(), "c")
+        commit_bytes(s3, keys.export_prefix("masked") + "model.safetensors", b"weights", "cfg")
+        monkeypatch.chdir(tmp_path)
+        copied = deliver_exports(s3, [{"format": "masked", "files": ["model.safetensors"]}], Path("out") / "r1")
+        assert (copied["masked"] / "model.safetensors").stat().st_mode & 0o777 == 0o600
+        assert all((tmp_path / p).stat().st_mode & 0o777 == 0o700 for p in ("out", "out/r1", "out/r1/masked"))
+
+        monkeypatch.setenv("TYR_CACHE", str(tmp_path / "cache"))
+        ref = RunRef(run_id="r1", store_url=f"file://{tmp_path / 'runs-store'}")
+        stale = ws_module.default_cache_dir() / "runs" / ws_module._location_tag(ref) / "r1"
+        stale.mkdir(parents=True)  # a cache left by an earlier version, world-readable
+        from flows.recipes import resolve_config
+
+        config = resolve_config("tiny-test")
+        body = {"run_id": "r1", "config": config.model_dump(mode="json"), "artefact_hash": config.artefact_hash()}
+        commit_bytes(run_store(ref.store_url, "r1"), keys.RUN_CONFIG, json.dumps(body).encode(), "cfg")
+        assert workspace(ref).cache.stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)
+        ws_module._WORKSPACES.clear()

@@ -315,13 +315,16 @@ def _exports_destination(args: argparse.Namespace, run: PreparedRun, copy_always
 
 
 def deliver_exports(store: Store, exports: list[dict], dest: Path) -> dict[str, Path]:
-    """Copy every committed export format into ``dest/<format>/``; refused formats are skipped."""
+    """Copy every committed export format into ``dest/<format>/``, in folders created private (0700) like the
+    files (0600); refused formats are skipped."""
+    from tyr_core.store import private_dir
+
     from .export import download_export
 
     copied = {}
     for export in exports:
         if export.get("files"):
-            download_export(store, export["format"], dest / export["format"])
+            download_export(store, export["format"], private_dir(dest / export["format"]))
             copied[export["format"]] = dest / export["format"]
     return copied
 

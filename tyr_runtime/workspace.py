@@ -27,7 +27,7 @@ from tyr_core.keys import Kind
 from tyr_core.layerwise import LayerwiseModel
 from tyr_core.pipeline import Placement, check_fits, placement, prune_settings, resident_or_streamed
 from tyr_core.prefix import PrefixForward
-from tyr_core.store import Store, fetch_verified, hash_file, read_json, read_manifest
+from tyr_core.store import Store, fetch_verified, hash_file, private_dir, read_json, read_manifest
 from tyr_core.sublayer_layout import PrunedSublayer
 from tyr_core.supernet import SupernetModel, SupernetReader, load_copy, stored_tensors
 from tyr_core.supernet_build import LayerCursor
@@ -228,8 +228,8 @@ def workspace(ref: RunRef) -> Workspace:
             store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
             saved = read_json(store, keys.RUN_CONFIG)
             config = load_run_config(saved["config"], origin=keys.RUN_CONFIG)
-            cache = default_cache_dir() / "runs" / _location_tag(ref) / ref.run_id
-            cache.mkdir(parents=True, exist_ok=True)
+            cache = private_dir(default_cache_dir() / "runs" / _location_tag(ref) / ref.run_id)
+            cache.chmod(0o700)  # a cache made before its folders were private: the copies inside are the store's
             _WORKSPACES[ref] = Workspace(ref, store, config, cache, saved.get("incarnation", ""))
         return _WORKSPACES[ref]
 

@@ -247,11 +247,27 @@ def _parse_json(store: Store, key: str, data: bytes) -> Any:
         raise ArtefactError(f"artefact {key!r} in {store.url} is not JSON ({err}); it was committed that way") from None
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder, each folder created on the way readable by its owner only (0700); folders that exist
+    keep their mode.
+
+    Raises:
+        OSError: as ``mkdir``.
+    """
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.chmod(0o700)  # a umask may have cleared bits, never added: set it whatever the umask
+    return path
+
+
 def fetch_verified(store: Store, key: str, path: Path) -> Path:
     """Download a committed object to ``path`` and verify its sha256 before it appears there.
 
     The download goes to a temp file beside ``path`` and is renamed into place only once verified, so ``path``
-    never holds bad bytes; a bad download is deleted.
+    never holds bad bytes; a bad download is deleted. The file is its owner's only (0600), in folders created 0700:
+    artefacts (calibration text, weights) are no more readable where they are copied than in the store.
 
     Raises:
         MissingArtefactError, CorruptArtefactError: as ``read_verified``.
@@ -259,11 +275,12 @@ def fetch_verified(store: Store, key: str, path: Path) -> Path:
     manifest, path = read_manifest(store, key), Path(path)
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         store.get_file(manifest.stored_at, tmp)
         actual, size = hash_file(tmp)
         if actual != manifest.sha256:
             raise _corrupt(store, key, manifest, actual, size)
+        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except MissingArtefactError:
         raise _object_missing(store, key, manifest) from None
