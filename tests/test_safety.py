@@ -46,7 +46,8 @@ def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path):
 def test_no_shipped_code_unpickles():
     """safetensors only: no torch.load, pickle or numpy pickles in anything a user runs (tests may build inputs)."""
     banned = re.compile(
-        r"\btorch\.load\(|\bpickle\.loads?\(|\bcloudpickle\b|allow_pickle\s*=\s*True|weights_only\s*=\s*False"
+        r"\btorch\.load\(|\bpickle\.loads?\(|\bimport cloudpickle\b|\bcloudpickle\.loads?\(|allow_pickle\s*=\s*True"
+        r"|weights_only\s*=\s*False"
     )
     hits = [
         f"{path.relative_to(REPO)}:{n}: {line.strip()}"
