@@ -19,11 +19,11 @@ from typing import NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CalibrationError, MissingArtefactError, SearchError
 from .keys import teacher_index_key, teacher_key
+from .tensor_files import open_tensors
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input ids (B, T) -> logits (B, T, V)
 CandidateLogitsFn = Callable[[torch.Tensor, list[int]], torch.Tensor]  # (ids, levels now applied) -> logits
@@ -181,7 +181,7 @@ class TeacherTopK:
         path = self.root / self.index["shards"][shard]
         if not path.is_file():
             raise MissingArtefactError(f"teacher shard {path} is missing: fetch it or recompute the teacher")
-        with safe_open(str(path), framework="pt") as f:
+        with open_tensors(path, f"teacher shard {self.index['shards'][shard]!r}") as f:
             value_rows, id_rows = f.get_slice("values"), f.get_slice("ids")
             for pos, row in wanted:
                 values[pos] = value_rows[row : row + 1][0]

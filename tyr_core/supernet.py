@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -20,6 +19,7 @@ from .families import Geometry
 from .grid import Sublayer
 from .keys import Kind
 from .sublayer_layout import PrunedLayout, PrunedSublayer, scatter_columns
+from .tensor_files import corrupt_tensors, load_tensors
 
 
 def output_linear(block: nn.Module, kind: Kind) -> nn.Linear:
@@ -49,9 +49,35 @@ def save_copy(path: Path, copy: PrunedSublayer) -> str:
     return digest
 
 
-def load_copy(path: Path) -> PrunedSublayer:
-    with safe_open(str(path), "pt") as f:
-        return PrunedSublayer(kept=f.get_tensor("kept"), weight=f.get_tensor("weight"))
+def load_copy(path: Path, groups: int | None = None, num_kept: int | None = None, what: str = "") -> PrunedSublayer:
+    """A stored copy, checked before anything applies it: ``kept`` is 1-D int64, strictly increasing, inside
+    ``[0, groups)`` and ``num_kept`` long (each check where its bound is given), and ``weight`` is 2-D with a whole
+    number of columns per kept group. ``what`` names the copy in errors (its key; default its path).
+
+    Raises:
+        CorruptArtefactError: malformed safetensors bytes, or a copy that does not fit its sublayer.
+    """
+    what = what or "supernet copy"
+    found = load_tensors(path, what, ("kept", "weight"))
+    kept, weight = found["kept"], found["weight"]
+
+    def bad(problem: str) -> CorruptArtefactError:
+        return corrupt_tensors(what, path, problem)
+
+    if kept.dtype != torch.int64 or kept.dim() != 1 or weight.dim() != 2:
+        raise bad(
+            f"kept is {kept.dtype} of shape {list(kept.shape)} and weight of shape {list(weight.shape)}, not "
+            "1-D int64 indices and a 2-D matrix"
+        )
+    if kept.numel() and (int(kept.min()) < 0 or bool((kept.diff() <= 0).any())):
+        raise bad("its kept group indices are negative, repeated or out of order")
+    if groups is not None and kept.numel() and int(kept.max()) >= groups:
+        raise bad(f"it keeps group {int(kept.max())} of a sublayer with {groups} groups")
+    if num_kept is not None and kept.numel() != num_kept:
+        raise bad(f"it keeps {kept.numel()} groups where its level keeps {num_kept}")
+    if weight.shape[1] % max(kept.numel(), 1) or (not kept.numel() and weight.shape[1]):
+        raise bad(f"its weight has {weight.shape[1]} columns for {kept.numel()} kept groups")
+    return PrunedSublayer(kept=kept, weight=weight)
 
 
 def sha256_file(path: Path) -> str:
@@ -126,7 +152,7 @@ class SupernetReader:
                     f"supernet copy {path} is corrupt: its sha256 differs from index.json; delete it and rebuild"
                 )
             self._verified.add(path)
-        return load_copy(path)
+        return load_copy(path, entry.get("groups_total"), entry.get("groups_kept"), f"supernet copy {entry['key']!r}")
 
     def layout(self, levels: list[int]) -> PrunedLayout:
         return {(s.layer, s.kind): self.load(s.layer, s.kind, lv) for s, lv in zip(self.sublayers, levels, strict=True)}

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file
 
 from tyr_core import keys
 from tyr_core.config import RunConfig, load_run_config
@@ -31,6 +30,7 @@ from tyr_core.store import Store, fetch_verified, hash_file, private_dir, read_j
 from tyr_core.sublayer_layout import PrunedSublayer
 from tyr_core.supernet import SupernetModel, SupernetReader, load_copy, stored_tensors
 from tyr_core.supernet_build import LayerCursor
+from tyr_core.tensor_files import load_tensors
 
 from .storage import run_store
 
@@ -119,16 +119,19 @@ class Workspace:
             return self._plans[iteration]
 
     def calibration(self) -> torch.Tensor:
-        return load_file(self.fetch(keys.calibration_key()))["windows"]
+        return self._windows(keys.calibration_key())
 
     def heldout(self) -> torch.Tensor:
-        return load_file(self.fetch(keys.calibration_key("heldout")))["windows"]
+        return self._windows(keys.calibration_key("heldout"))
+
+    def _windows(self, key: str) -> torch.Tensor:
+        return load_tensors(self.fetch(key), f"calibration windows {key!r}", ("windows",))["windows"]
 
     def search_windows(self) -> torch.Tensor:
         """The windows the search's fitness scores (the teacher's): the validation split, disjoint from the windows
         the copies are refitted on, or the first calibration windows when there is none."""
         if self.config.calibration.validation_windows:
-            return load_file(self.fetch(keys.calibration_key("validation")))["windows"]
+            return self._windows(keys.calibration_key("validation"))
         return self.calibration()
 
     def build_devices(self) -> list[torch.device]:
@@ -173,13 +176,15 @@ class Workspace:
         """Committed copies of one layer, by kind and level (for replaying the layer): those this process committed
         and still holds, else from the store (a fresh worker resuming the build). The two are bit-identical."""
 
-        def committed(kind: str, level: int) -> PrunedSublayer:
-            key = keys.copy_key(iteration, layer, kind, level)
+        def committed(sub: Sublayer, level: int) -> PrunedSublayer:
+            key = keys.copy_key(iteration, layer, sub.kind, level)
             with self.lock:
                 held = self._fresh.pop(key, None)
-            return held if held is not None else load_copy(self.fetch(key))
+            if held is not None:
+                return held
+            return load_copy(self.fetch(key), sub.groups, sub.groups - sub.removed(level), f"supernet copy {key!r}")
 
-        return {s.kind: {lv: committed(s.kind, lv) for lv in s.levels} for s in sublayers if s.layer == layer}
+        return {s.kind: {lv: committed(s, lv) for lv in s.levels} for s in sublayers if s.layer == layer}
 
     def reader(self, iteration: int) -> SupernetReader:
         index = read_json(self.store, keys.supernet_index_key(iteration))
