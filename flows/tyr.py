@@ -8,11 +8,13 @@ has to compute; how the steps run in the process (threads, subflow settings, ref
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.callables import get_call_parameters
 from pydantic import Field
 
 from tasks.data import calibrate, teacher
@@ -23,6 +25,7 @@ from tasks.search import recentre_interval, search_generation, sensitivity_scan
 from tasks.supernet import accumulate, garbage_collect, layer_stats, plan, supernet_index
 from tyr_core import keys
 from tyr_core.config import MAX_CONCURRENT_PRUNES
+from tyr_core.errors import ConfigError
 from tyr_core.grid import IterationPlan
 from tyr_core.store import remaining
 from tyr_runtime.runs import open_run, release_run
@@ -34,6 +37,34 @@ from .recipes import resolve_config
 # URLs in flow parameters are kept in Prefect's database and shown in its UI: credentials in them (user info, before
 # an '@') are refused when the run is created; they come from the AWS chain or a credentials block.
 NO_CREDENTIALS = r"^[^@]*$"
+URL_PARAMETERS = ("store_url", "endpoint_url")
+
+
+def refuse_credentials(parameters: dict[str, Any]) -> None:
+    """Refuse a URL parameter that holds credentials, naming the parameter and never echoing its value.
+
+    Raises:
+        ConfigError: ``store_url`` or ``endpoint_url`` has an '@' in it.
+    """
+    for name in URL_PARAMETERS:
+        value = parameters.get(name)
+        if isinstance(value, str) and not re.fullmatch(NO_CREDENTIALS, value):
+            raise ConfigError(
+                f"the flow parameter {name} holds credentials (an '@' in the URL); give them through the AWS chain "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role) or a credentials block, "
+                "never in a URL (flow parameters are logged and kept in Prefect's database)"
+            )
+
+
+class CredentialCheckedFlow(Flow):
+    """A flow called from Python checks its URL parameters before Prefect creates the flow run: Prefect validates
+    parameters only after it has stored them in its database and logged them. Deployment runs are validated by the
+    server against the parameter schema (the ``NO_CREDENTIALS`` pattern) before they are created."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = {k: v for k, v in kwargs.items() if k not in ("return_state", "wait_for")}
+        refuse_credentials(get_call_parameters(self.fn, args, call))
+        return super().__call__(*args, **kwargs)
 
 
 @flow(name="tyr", log_prints=False, result_serializer=RESULT_SERIALIZER)
@@ -84,6 +115,9 @@ def tyr(
     finally:
         flush_artifacts()  # while the run's API client is open
         release_run(ref)
+
+
+tyr.__class__ = CredentialCheckedFlow  # ``@flow`` makes a plain Flow; entrypoints and deployments still find it
 
 
 def run_iteration(ref: RunRef, iteration: int, generations: int) -> dict:

@@ -154,3 +154,41 @@ def test_the_compose_file_ships_no_default_secret():
     assert {name for name, _, _ in secrets_} >= {"TYR_DB_PASSWORD", "TYR_S3_ACCESS_KEY", "TYR_S3_SECRET_KEY"}
     for name, op, default in secrets_:
         assert op == ":?" or default == "", f"{name} has the default {default!r}"  # required, or empty at most
+
+
+def test_credentials_in_url_parameters_are_refused_before_prefect_stores_or_logs_the_run(
+    prefect_server, tmp_path, caplog, capfd
+):
+    """A Python caller of the flow: Prefect validates parameters after it has created the flow run (its database
+    and its log line ``Parameters: {...}``), so the check runs before the call reaches Prefect."""
+    import logging
+    import uuid
+
+    import httpx
+    from conftest import in_process_client
+
+    from flows.tyr import tyr
+    from tyr_core.errors import ConfigError
+
+    planted = f"PLANTED{uuid.uuid4().hex}"
+
+    def flow_runs() -> int:
+        return httpx.post(f"{prefect_server.api_url}/flow_runs/count", json={}, timeout=30).json()
+
+    before = flow_runs()
+    caplog.set_level(logging.DEBUG)
+    with in_process_client(prefect_server):
+        for params in (
+            {"endpoint_url": f"http://AKIA:{planted}@127.0.0.1:9/"},
+            {"store_url": f"s3://AKIA:{planted}@bucket/p"},
+            {"store_url": f"file://{tmp_path}", "endpoint_url": f"AKIA:{planted}@127.0.0.1:9"},  # no scheme
+        ):
+            with pytest.raises(ConfigError, match=f"flow parameter {next(reversed(params))} holds credentials") as err:
+                tyr(preset="tiny-test", run_id="sec1", **params)
+            assert planted not in str(err.value)
+    assert flow_runs() == before  # no flow run was created
+    out, errs = capfd.readouterr()
+    assert planted not in out + errs + caplog.text
+    stored = [p for p in prefect_server.home.rglob("*") if p.is_file() and planted.encode() in p.read_bytes()]
+    assert stored == []  # prefect.db, its WAL, result storage
+    assert not (tmp_path / "runs").exists()
