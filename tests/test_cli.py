@@ -461,3 +461,35 @@ def test_prefect_deploy_all_and_parameters_validated_at_run_creation(prefect_ser
     text = " ".join((refused.stdout + refused.stderr).split())
     assert refused.returncode != 0 and "Validation failed for field 'target_sparsity'" in text
     assert len(httpx.post(f"{api}/flow_runs/filter", json={}).json()) == runs_before  # no run was created
+
+
+def test_runs_gc_collects_under_the_run_lock_and_refuses_a_driver_that_started_after_its_look(
+    tmp_path, capsys, monkeypatch
+):
+    from tyr_cli import runs
+
+    store, config = make_run(tmp_path, "r1")
+    commit_json(store, keys.result_key(1), {"iteration": 1, "fitness": 0.5, "levels": [0, 1], "sparsities": {}})
+    commit_json(store, keys.result_key(2), {"iteration": 2, "fitness": 0.4, "levels": [0, 0], "sparsities": {}})
+    commit_bytes(store, keys.copy_key(1, 0, "attn", 0), b"copy", "cfg")
+    url = f"file://{tmp_path}"
+    holder = (
+        "import sys, time; from tyr_runtime.lock import acquire_lock; from tyr_runtime.storage import run_store; "
+        "acquire_lock(run_store(sys.argv[1], 'r1'), 'r1'); print('held', flush=True); time.sleep(120)"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", holder, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "held"  # another process drives the run, its lock fresh
+        looked = runs._summary
+        # the driver started just after gc looked at the run's status
+        monkeypatch.setattr(runs, "_summary", lambda *a: {**looked(*a), "status": "incomplete"})
+        code, _, err = run_cli(["runs", "gc", "r1", "--store", url, "--json"], capsys)
+        assert code == 1 and "being driven by another process" in err and "run gc once it has stopped" in err
+        assert is_committed(store, keys.copy_key(1, 0, "attn", 0))  # nothing collected
+    finally:
+        driver.kill()
+        driver.wait()
+    store.delete(keys.LOCK_KEY)
+    code, out, _ = run_cli(["runs", "gc", "r1", "--store", url, "--json"], capsys)
+    assert code == 0 and json.loads(out)["keys_deleted"] > 0
+    assert not store.exists(keys.LOCK_KEY)  # gc released the lock it took

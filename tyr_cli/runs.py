@@ -183,6 +183,15 @@ def cmd_runs_gc(args: argparse.Namespace) -> int:
                 f"run {args.run_id!r} is running (host {lock.get('host')}, pid {lock.get('pid')}); its flow collects "
                 "garbage after each iteration. Run gc once it has stopped"
             )
+        # a driver may start between that look and the deletions: collect under the run's lock, as the flow does
+        from tyr_runtime.lock import acquire_lock, release_lock
+
+        try:
+            acquire_lock(store, args.run_id)
+        except RunLockedError as err:
+            advice = "its flow collects garbage after each iteration: run gc once it has stopped"
+            raise RunLockedError(f"{err} ({advice})") from None
+        stack.callback(release_lock, store)
         last = summary["final_iteration"]
         keep_last = args.keep_last or summary["config"].get("keep_last", 1)
         report = collect_garbage(store, last, keep_last) if last else None
