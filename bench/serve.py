@@ -29,8 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tasks.evaluate import final_layout  # noqa: E402
+from tyr_core import keys  # noqa: E402
 from tyr_core.export import build_compact_model, save_gguf  # noqa: E402
-from tyr_core.store import best_iteration  # noqa: E402
+from tyr_core.param_count import layout_params  # noqa: E402
+from tyr_core.store import best_iteration, read_json  # noqa: E402
 from tyr_core.sublayer_layout import full_layout  # noqa: E402
 from tyr_runtime.run_status import finished_iteration  # noqa: E402
 from tyr_runtime.workspace import RunRef, workspace  # noqa: E402
@@ -144,20 +146,26 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64, help="generated tokens")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--engines", default="llamacpp,transformers")
+    ap.add_argument("--iteration", type=int, default=None, help="an iteration's winner instead of the final model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engines = args.engines.split(",")
     url = args.store if "://" in args.store else Path(args.store).resolve().as_uri()
     ws = workspace(RunRef(run_id=args.run, store_url=url, endpoint_url=args.endpoint_url))
-    last = finished_iteration(ws.store, args.run)
-    layout = final_layout(ws, last)
+    if args.iteration is None:
+        last = finished_iteration(ws.store, args.run)
+        chosen, layout = best_iteration(ws.store, last), final_layout(ws, last)
+    else:
+        chosen = args.iteration
+        layout = ws.reader(chosen).layout(read_json(ws.store, keys.result_key(chosen))["levels"])
     dense = ws.dense_model().eval()
     tokenizer = ws.tokenizer()
     prompts = {n: prompt_ids(tokenizer, n) for n in PROMPTS}
     result: dict = {
         "metric": "serve",
         "run_id": args.run,
-        "iteration": best_iteration(ws.store, last),
+        "iteration": chosen,
+        "removed_fraction": round(layout_params(dense.config, layout)["removed_fraction"], 4),
         "threads": args.threads,
         "gguf_type": args.type,
         "gen_tokens": args.gen,
