@@ -3,7 +3,8 @@
 For each engine and each model: prompt processing (tokens/s over the whole prompt), time to first token (the
 prompt's forward, whose last logits give the first token) at prompt lengths 128 and 1024, and generation (tokens/s
 over --gen greedy tokens after a 128-token prompt, one token per forward, KV cache on). The same thread count,
-prompt text and lengths for both models; each figure is the median of --repeats runs. The pruned model is a run's
+prompt text and lengths for both models, timed in turn within each repeat; each figure is the median of
+--repeats runs, and each ratio comes with the range of its per-repeat ratios. The pruned model is a run's
 searched layout (``tyr prune smollm2-50 --store DIR`` makes the figure the README quotes); the dense model goes
 through the same GGUF writer with a layout that keeps everything. Prints one JSON object.
 
@@ -49,39 +50,34 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def median_of(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
+class LlamaCppEngine:
+    """One GGUF in llama.cpp; each method times one pass and returns seconds."""
 
+    def __init__(self, path: Path, gen: int, threads: int, flash_attn: bool) -> None:
+        from llama_cpp import Llama
 
-def llamacpp_figures(path: Path, prompts: dict[int, list[int]], gen: int, threads: int, repeats: int) -> dict:
-    from llama_cpp import Llama
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=max(PROMPTS) + gen + 8,
+            n_batch=max(PROMPTS),
+            n_ubatch=max(PROMPTS),
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            flash_attn=flash_attn,
+            verbose=False,
+        )
 
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=max(PROMPTS) + gen + 8,
-        n_batch=max(PROMPTS),
-        n_ubatch=max(PROMPTS),
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=False,
-        verbose=False,
-    )
-    llm.eval(prompts[128][:8])  # warm the weights into the page cache and the threads up once
-    out = {}
-    for n, ids in prompts.items():
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - start
 
-        def prefill(ids=ids) -> float:
-            llm.reset()
-            start = time.perf_counter()
-            llm.eval(ids)
-            return time.perf_counter() - start
-
-        seconds = median_of(prefill, repeats)
-        out[f"prompt_{n}"] = {"tokens_per_s": n / seconds, "ttft_s": seconds}
-
-    def decode() -> float:
+    def decode(self, prompt: list[int], gen: int) -> float:
+        llm = self.llm
         llm.reset()
-        llm.eval(prompts[128])
+        llm.eval(prompt)
         token = int(llm.scores[llm.n_tokens - 1].argmax())
         start = time.perf_counter()
         for _ in range(gen):
@@ -89,44 +85,53 @@ def llamacpp_figures(path: Path, prompts: dict[int, list[int]], gen: int, thread
             token = int(llm.scores[llm.n_tokens - 1].argmax())
         return time.perf_counter() - start
 
-    out["generation"] = {"tokens_per_s": gen / median_of(decode, repeats), "tokens": gen}
-    return out
 
+class TransformersEngine:
+    """One model in transformers (KV cache on, greedy); each method times one pass and returns seconds."""
 
-@torch.inference_mode()
-def transformers_figures(model, prompts: dict[int, list[int]], gen: int, repeats: int) -> dict:
-    out = {}
-    for n, ids in prompts.items():
-        x = torch.tensor([ids])
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
 
-        def prefill(x=x) -> float:
-            start = time.perf_counter()
-            model(x, use_cache=True)
-            return time.perf_counter() - start
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> float:
+        start = time.perf_counter()
+        self.model(torch.tensor([ids]), use_cache=True)
+        return time.perf_counter() - start
 
-        model(x[:, :8])  # warm the kernels once
-        seconds = median_of(prefill, repeats)
-        out[f"prompt_{n}"] = {"tokens_per_s": n / seconds, "ttft_s": seconds}
-
-    def decode() -> float:
-        result = model(torch.tensor([prompts[128]]), use_cache=True)
+    @torch.inference_mode()
+    def decode(self, prompt: list[int], gen: int) -> float:
+        result = self.model(torch.tensor([prompt]), use_cache=True)
         past, token = result.past_key_values, result.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(gen):
-            result = model(token, past_key_values=past, use_cache=True)
+            result = self.model(token, past_key_values=past, use_cache=True)
             past, token = result.past_key_values, result.logits[:, -1:].argmax(-1)
         return time.perf_counter() - start
 
-    out["generation"] = {"tokens_per_s": gen / median_of(decode, repeats), "tokens": gen}
+
+def compare(engines: dict, prompts: dict[int, list[int]], gen: int, repeats: int) -> dict:
+    """Dense and pruned timed in turn within every repeat (drift in the machine hits both alike); medians, with the
+    spread of the per-repeat ratios."""
+    for engine in engines.values():
+        engine.prefill(prompts[128][:8])  # warm weights and threads once
+    passes = {f"prompt_{n}": (lambda e, ids=ids: e.prefill(ids), n) for n, ids in prompts.items()}
+    passes["generation"] = (lambda e: e.decode(prompts[128], gen), gen)
+    out: dict = {name: {} for name in engines}
+    out["ratio"], out["ratio_range"] = {}, {}
+    for key, (run, tokens) in passes.items():
+        seconds: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                seconds[name].append(run(engine))
+        for name, values in seconds.items():
+            median = statistics.median(values)
+            out[name][key] = {"tokens_per_s": round(tokens / median, 2)}
+            if key != "generation":
+                out[name][key]["ttft_s"] = round(median, 4)
+        per_repeat = [d / p for d, p in zip(seconds["dense"], seconds["pruned"], strict=True)]
+        out["ratio"][key] = round(statistics.median(seconds["dense"]) / statistics.median(seconds["pruned"]), 3)
+        out["ratio_range"][key] = [round(min(per_repeat), 3), round(max(per_repeat), 3)]
     return out
-
-
-def ratios(pruned: dict, dense: dict) -> dict:
-    return {
-        key: round(pruned[key]["tokens_per_s"] / dense[key]["tokens_per_s"], 3)
-        for key in pruned
-        if isinstance(pruned[key], dict)
-    }
 
 
 def cpu_model() -> str:
@@ -146,6 +151,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64, help="generated tokens")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--engines", default="llamacpp,transformers")
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention (no V-cache padding)")
     ap.add_argument("--iteration", type=int, default=None, help="an iteration's winner instead of the final model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,6 +174,7 @@ def main() -> None:
         "removed_fraction": round(layout_params(dense.config, layout)["removed_fraction"], 4),
         "threads": args.threads,
         "gguf_type": args.type,
+        "flash_attn": args.flash_attn,
         "gen_tokens": args.gen,
         "repeats": args.repeats,
         "cpu": cpu_model(),
@@ -178,23 +185,20 @@ def main() -> None:
     if "llamacpp" in engines:
         import llama_cpp
 
-        figures = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for name, lay in (("dense", full_layout(dense)), ("pruned", layout)):
-                folder = save_gguf(dense, lay, Path(tmp) / name, tokenizer=tokenizer, gguf_type=args.type)
-                gguf = folder / "model.gguf"
-                figures[name] = llamacpp_figures(gguf, prompts, args.gen, args.threads, args.repeats)
-                figures[name]["file_mb"] = round(os.path.getsize(gguf) / 2**20, 1)
-        figures["ratio"] = ratios(figures["pruned"], figures["dense"])
+            files = {
+                name: save_gguf(dense, lay, Path(tmp) / name, tokenizer=tokenizer, gguf_type=args.type) / "model.gguf"
+                for name, lay in (("dense", full_layout(dense)), ("pruned", layout))
+            }
+            runners = {name: LlamaCppEngine(f, args.gen, args.threads, args.flash_attn) for name, f in files.items()}
+            figures = compare(runners, prompts, args.gen, args.repeats)
+            for name, f in files.items():
+                figures[name]["file_mb"] = round(os.path.getsize(f) / 2**20, 1)
         figures["version"] = llama_cpp.__version__
         result["llamacpp"] = figures
     if "transformers" in engines:
-        figures = {
-            "dense": transformers_figures(dense, prompts, args.gen, args.repeats),
-            "pruned": transformers_figures(build_compact_model(dense, layout).eval(), prompts, args.gen, args.repeats),
-        }
-        figures["ratio"] = ratios(figures["pruned"], figures["dense"])
-        result["transformers"] = figures
+        runners = {"dense": TransformersEngine(dense), "pruned": TransformersEngine(build_compact_model(dense, layout))}
+        result["transformers"] = compare(runners, prompts, args.gen, args.repeats)
     print(json.dumps(result))
 
 
