@@ -30,6 +30,7 @@ from ..errors import ExportError
 from ..families import Geometry, geometry
 from ..sublayer_layout import PrunedLayout
 from .compact import atomic_write, check_layout, compact_state_dict, kept_kv_heads
+from .nemotron import check_deci_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -84,19 +85,7 @@ def gguf_layers(geo: Geometry, layout: PrunedLayout) -> list[GgufLayer]:
 
 
 def _check_model(config: PretrainedConfig, geo: Geometry) -> None:
-    if geo.family == "qwen3":
-        raise ExportError(
-            "the gguf export cannot express Qwen3: llama.cpp's deci architecture has no per-head q/k RMSNorm; use the "
-            "compact export"
-        )
-    if config.hidden_act != "silu":
-        raise ExportError(f"the gguf export supports SiLU MLPs only (llama.cpp's deci), not {config.hidden_act!r}")
-    window = getattr(config, "sliding_window", None)
-    kinds = getattr(config, "layer_types", None) or ["sliding_attention"]
-    if window is not None and window < config.max_position_embeddings and "sliding_attention" in kinds:
-        raise ExportError(
-            f"the gguf export cannot express sliding-window attention ({window}-token window); use the compact export"
-        )
+    check_deci_model(config, geo, "the gguf export", "llama.cpp's deci architecture")
     rope_type = dict(config.rope_parameters).get("rope_type", "default")
     if rope_type not in ("default", "llama3"):
         raise ExportError(

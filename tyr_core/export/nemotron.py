@@ -93,18 +93,23 @@ def _ffn_mult_for(width: int, hidden: int) -> float | None:
     return mult if ffn_mult_width(mult, hidden) == width else None
 
 
-def _check_family(config: PretrainedConfig, geo: Geometry) -> None:
+def check_deci_model(config: PretrainedConfig, geo: Geometry, fmt: str, engine: str) -> None:
+    """What both DeciLM-style formats (Nemotron-NAS for vLLM, llama.cpp's ``deci``) cannot run: Qwen3's per-head
+    q/k norms, MLPs other than SiLU, and sliding-window attention.
+
+    Raises:
+        ExportError: naming ``fmt``, the model's feature and the export to use instead.
+    """
     if geo.family == "qwen3":
         raise ExportError(
-            "nemotron-nas cannot express Qwen3: vLLM's DeciLM attention has no per-head q/k RMSNorm; use the "
-            "compact (or masked) export"
+            f"{fmt} cannot express Qwen3: {engine} has no per-head q/k RMSNorm in its attention; use the compact export"
         )
     if config.hidden_act != "silu":
-        raise ExportError(f"nemotron-nas supports SiLU MLPs only (vLLM's LlamaMLP), not {config.hidden_act!r}")
+        raise ExportError(f"{fmt} supports SiLU MLPs only ({engine}), not {config.hidden_act!r}")
     windows = [layer for layer, w in enumerate(_source_windows(config)) if w is not None]
     if windows:
         raise ExportError(
-            f"nemotron-nas cannot express sliding-window attention (layers {windows} use a "
+            f"{fmt} cannot express sliding-window attention (layers {windows} use a "
             f"{config.sliding_window}-token window below max_position_embeddings); use the compact export"
         )
 
@@ -212,7 +217,7 @@ def nemotron_config(config: PretrainedConfig, layout: PrunedLayout, ffn_width: F
     """
     geo = geometry(config)
     check_layout(geo, layout)
-    _check_family(config, geo)
+    check_deci_model(config, geo, "nemotron-nas", "vLLM's DeciLM")
     blocks = [
         {
             "attention": _attention_block(geo, layer, layout[(layer, "attn")].kept),
