@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 
 # One line per format for --help: which engines load it, whether it needs remote code, whether it is exact.
 FORMAT_HELP = {
-    "compact": "transformers; remote code (trust_remote_code, tyr's, from this install); exact",
-    "masked": "transformers, vLLM, llama.cpp converters; no remote code; exact; full size, no speed-up",
-    "nemotron-nas": "vLLM, SGLang (DeciLM); ships its config class; exact; whole attention only (serve-vllm)",
-    "gguf": "llama.cpp, Ollama, LM Studio, llama-cpp-python; no code; exact (zero pads where needed)",
+    "gguf": "llama.cpp, Ollama, LM Studio; no remote code; exact",
+    "nemotron-nas": "vLLM, SGLang; ships a config class; exact; serve-vllm runs",
+    "compact": "transformers; tyr's remote code, from this install; exact",
+    "masked": "loads as the source model; exact; full size, no speed-up",
 }
 
 
