@@ -23,12 +23,12 @@ def plan(ref: RunRef, iteration: int) -> dict:
     ws = workspace(ref)
 
     def produce() -> dict:
-        geo, cfg = ws.model.geometry, ws.config.prune
+        geo, cfg, attention = ws.model.geometry, ws.config.prune, ws.config.search.attention
         if iteration == 1:
-            centres = initial_centres(geo, cfg)
+            centres = initial_centres(geo, cfg, attention)
         else:
             centres = read_json(ws.store, keys.result_key(iteration - 1))["next_centres"]
-        return IterationPlan(iteration, tuple(plan_iteration(geo, cfg, iteration, centres))).to_json()
+        return IterationPlan(iteration, tuple(plan_iteration(geo, cfg, iteration, centres, attention))).to_json()
 
     return commit_json_once(ws.store, keys.plan_key(iteration), produce, ws.config.artefact_hash())
 

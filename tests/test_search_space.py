@@ -160,3 +160,23 @@ def test_a_layout_with_partial_attention_is_refused_naming_the_setting_that_avoi
     layout = SupernetReader(tmp_path).layout([0] * len(subs))  # two of four heads per attention
     with pytest.raises(ExportError, match="search.attention=whole"):
         nemotron_config(AutoConfig.from_pretrained(folder), layout)
+
+
+def test_the_flows_plan_step_builds_the_search_space_the_config_names(tmp_path):
+    """The plan task (what a `tyr prune` run builds its supernet from) honours search.attention and
+    prune.mlp_multiple, as the core path does."""
+    from flows.recipes import resolve_config
+    from tasks.supernet import plan
+    from tyr_core.grid import IterationPlan
+    from tyr_runtime.runs import open_run, release_run
+
+    overrides = ["search.attention=whole", "prune.mlp_multiple=32"]
+    ref = open_run(resolve_config("tiny-test", overrides=overrides), "space", f"file://{tmp_path}", None)
+    release_run(ref)
+    grid = IterationPlan.from_json(plan.fn(ref, 1))
+    for sub in grid.sublayers:
+        removed = {sub.removed(level) for level in sub.levels}
+        if sub.kind == "attn":
+            assert removed <= {0, sub.groups}, (sub.name, removed)
+        else:
+            assert all(r % 32 == 0 for r in removed), (sub.name, removed)
