@@ -21,13 +21,14 @@ from prose import python_docs_files
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.evaluate import final_layout  # noqa: E402
+from tyr_core import keys  # noqa: E402
 from tyr_core.calibration import eval_windows, load_documents  # noqa: E402
 from tyr_core.errors import ExportError  # noqa: E402
 from tyr_core.evaluate import perplexity  # noqa: E402
 from tyr_core.export import nemotron_config  # noqa: E402
 from tyr_core.param_count import layout_params  # noqa: E402
 from tyr_core.pipeline import apply_layout  # noqa: E402
-from tyr_core.store import best_iteration  # noqa: E402
+from tyr_core.store import best_iteration, read_json  # noqa: E402
 from tyr_runtime.real_assets import shakespeare_dir, split_works  # noqa: E402
 from tyr_runtime.run_status import finished_iteration  # noqa: E402
 from tyr_runtime.workspace import RunRef, workspace  # noqa: E402
@@ -39,14 +40,19 @@ def main() -> None:
     ap.add_argument("--run", action="append", required=True)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16, help="held-out windows per domain")
+    ap.add_argument("--iteration", type=int, default=None, help="an iteration's winner (its supernet must remain)")
     args = ap.parse_args()
     if len(args.store) != len(args.run):
         raise SystemExit("give one --store per --run")
     for store, run in zip(args.store, args.run, strict=True):
         url = store if "://" in store else Path(store).resolve().as_uri()
         ws = workspace(RunRef(run_id=run, store_url=url))
-        last = finished_iteration(ws.store, run)
-        layout = final_layout(ws, last)
+        if args.iteration is None:
+            last = finished_iteration(ws.store, run)
+            chosen, layout = best_iteration(ws.store, last), final_layout(ws, last)
+        else:
+            chosen = args.iteration
+            layout = ws.reader(chosen).layout(read_json(ws.store, keys.result_key(chosen))["levels"])
         tok = ws.tokenizer()
         _, plays = split_works(shakespeare_dir())
         heldout = {
@@ -66,7 +72,7 @@ def main() -> None:
                 {
                     "metric": "run_heldout",
                     "run_id": run,
-                    "iteration": best_iteration(ws.store, last),
+                    "iteration": chosen,
                     "target_sparsity": ws.config.prune.target_sparsity,
                     "removed_fraction": round(layout_params(ws.model.config, layout)["removed_fraction"], 4),
                     "dense": dense,
