@@ -155,14 +155,15 @@ def _end(pids: set[int]) -> None:
 
 
 def _artefacts(run_dir: Path) -> dict[str, object]:
-    """What a run committed, but run.json (which names its incarnation and execution): every manifest's target,
-    sha256, size and metadata (a copy's index entry), without its commit time; and every search state's JSON."""
+    """What a run committed, but run.json and the exports' model cards (which name the run): every manifest's
+    target, sha256, size and metadata (a copy's index entry), without its commit time; and every search state's
+    JSON."""
     from tyr_core.store import FileStore, read_verified
 
     out: dict[str, object] = {}
     for path in sorted(run_dir.rglob("*.manifest.json")):
         manifest = json.loads(path.read_text())
-        if manifest["key"] != "run.json":
+        if manifest["key"] != "run.json" and not manifest["key"].endswith("/README.md"):
             out[manifest["key"]] = {k: v for k, v in manifest.items() if k != "created"}
     store = FileStore(str(run_dir))
     for key in [k for k in out if "/search/" in k]:
