@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tyr_cli import main
+from test_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TROUBLESHOOTING = (REPO / "docs" / "troubleshooting.md").read_text()
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def closed_port() -> int:
