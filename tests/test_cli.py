@@ -318,6 +318,22 @@ def local_prefect(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+def test_the_temporary_server_gets_tyrs_startup_time_whatever_prefect_read_at_import(monkeypatch):
+    """Prefect reads its 20 s default once, at import; in a process that imported prefect first (a notebook, the
+    test suite) only an explicit timeout reaches the server's start."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tyr_cli.local_prefect import STARTUP_TIMEOUT_S, temporary_prefect_server
+
+    waited = []
+    monkeypatch.setattr(SubprocessASGIServer, "start", lambda self, timeout=None: waited.append(timeout))
+    monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: None)
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
+    with temporary_prefect_server():
+        pass
+    assert waited == [STARTUP_TIMEOUT_S] and STARTUP_TIMEOUT_S >= 60
+
+
 @pytest.mark.slow
 def test_tiny_prune_then_resume_show_and_export(tmp_path, capsys, local_prefect):
     store = f"file://{tmp_path / 'store'}"

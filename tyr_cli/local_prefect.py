@@ -11,6 +11,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+# Prefect's default is 20 s, read from settings fixed when prefect is first imported; a loaded 2-core host needs more.
+STARTUP_TIMEOUT_S = 120
+
 
 class _SessionSubprocess:
     """The ``subprocess`` module as Prefect's server module sees it while it starts the server: ``Popen`` opens a new
@@ -59,7 +62,7 @@ def temporary_prefect_server() -> Iterator[str]:
         return
     SubprocessASGIServer._instances.pop(None, None)
     server = _server_class()()  # registered under port None: the instance Prefect's get_client() returns
-    server.start()
+    server.start(timeout=STARTUP_TIMEOUT_S)
     try:
         yield server.api_url
     finally:

@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     # Offline hosts, and nobody asked to report usage: no server analytics, no client telemetry (nor its notice).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    # The temporary local Prefect server gets 20 s to start by default; a loaded 2-core host can need more.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         with signals_as_interrupt(signal.SIGTERM):
             try:
