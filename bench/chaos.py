@@ -14,8 +14,9 @@
 7. bad inputs (configs, models, stores, run ids, keys): each refused with its message.
 8. attacks (alone with ``--attacks-only``, seconds): result records naming pickle or another decoder, every embedded
    SeaweedFS port without credentials, deployment parameters outside the method's settings, hostile config.json
-   sizes, a decoy safetensors beside a pickle, a run id with a newline, a run folder that is a symbolic link; counted
-   as tried, refused and succeeded (the goal is 0).
+   sizes, a decoy safetensors beside a pickle, a run id with a newline, a run folder that is a symbolic link, writes
+   beside the run's driver (a stalled lock holder, a taker whose clock runs ahead, a replica of a driver that lost
+   the lock); counted as tried, refused and succeeded (the goal is 0).
 Every run's output, the Prefect server's database and logs are searched for the store secrets.
 """
 
@@ -549,6 +550,62 @@ def attacks(root: Path) -> list[dict]:
     if not link.is_symlink():
         link.symlink_to(outside, target_is_directory=True)
     _attack(out, "run folder as a symbolic link", lambda: run_store(f"file://{work / 'store'}", "r1"))
+    out.extend(lock_attacks(work))
+    return out
+
+
+def lock_attacks(work: Path) -> list[dict]:
+    """Writes beside the run's driver: a stalled holder after its fence, a taker whose clock runs an hour ahead, a
+    Ray replica whose driver lost the lock (real clocks, a 2 s ttl)."""
+    import time
+
+    from tyr_runtime import lock
+    from tyr_runtime.storage import run_store
+
+    out: list[dict] = []
+    base = f"file://{work / 'locks'}"
+    other = {"host": "chaos-other-host", "flow_run_id": None}
+
+    stalled_store = run_store(base, "stalled")
+    stalled = lock.RunLock(stalled_store, "stalled", ttl=2, interval=0.5, identity=other | {"pid": 1}).acquire()
+    lock._HELD[stalled_store.url] = stalled  # held, but its heartbeat never runs: a stalled process
+    time.sleep(1.2)  # past its fence (2 s - 2 beats)
+    try:
+        _attack(
+            out,
+            "lock: a stalled holder writes past its fence",
+            lambda: stalled_store.put_bytes("late.bin", b"x"),
+            lambda: stalled_store.exists("late.bin"),
+        )
+    finally:
+        lock._HELD.pop(stalled_store.url, None)
+
+    live_store = run_store(base, "live")
+    live = lock.RunLock(live_store, "live", ttl=2, interval=0.5, identity=other | {"pid": 2}).acquire().start()
+    wall = lock._now
+    lock._now = lambda: wall() + 3600
+    try:
+        taker = lock.RunLock(run_store(base, "live"), "live", ttl=2, identity=other | {"pid": 3})
+        _attack(out, "lock: a taker an hour ahead takes a live lock", taker.acquire)
+    finally:
+        lock._now = wall
+        live.release()
+
+    driver_store = run_store(base, "replica")
+    driver = lock.RunLock(driver_store, "replica", ttl=2, interval=0.5, identity=other | {"pid": 4}).acquire()
+    replica_store = run_store(base, "replica")
+    lock.work_for(replica_store.url, driver.body["token"])
+    time.sleep(2.2)  # the driver's host died; a new driver watches its lock for a ttl and takes it
+    lock.RunLock(run_store(base, "replica"), "replica", ttl=2, identity=other | {"pid": 5}).acquire()
+    try:
+        _attack(
+            out,
+            "lock: a Ray replica writes for a driver that lost the lock",
+            lambda: replica_store.put_bytes("stale-copy.bin", b"x"),
+            lambda: replica_store.exists("stale-copy.bin"),
+        )
+    finally:
+        lock._WORKING_FOR.pop(replica_store.url, None)
     return out
 
 

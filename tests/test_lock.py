@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -45,12 +46,33 @@ def store(request, tmp_path):
     return s3
 
 
+class Clock:
+    """The lock's clocks, moved by the test: ``wall`` (the stamp in the lock) and ``mono`` (this process's monotonic
+    clock); a taker's sleep moves both and runs ``during_sleep`` (what other drivers do meanwhile)."""
+
+    def __init__(self) -> None:
+        self.wall, self.mono = 1_000_000.0, 50.0
+        self.during_sleep: list = []
+
+    def __iadd__(self, seconds: float) -> Clock:
+        self.wall += seconds
+        self.mono += seconds
+        return self
+
+    def sleep(self, seconds: float) -> None:
+        self += seconds
+        for hook in self.during_sleep:
+            hook()
+
+
 @pytest.fixture
-def clock(monkeypatch):
-    """A clock the test moves: staleness is decided by it, never by sleeping."""
-    now = [1_000_000.0]
-    monkeypatch.setattr(lock_module, "_now", lambda: now[0])
-    return now
+def clock(monkeypatch) -> Clock:
+    """Staleness is decided by the test's clocks, never by sleeping."""
+    c = Clock()
+    monkeypatch.setattr(lock_module, "_now", lambda: c.wall)
+    monkeypatch.setattr(lock_module, "_monotonic", lambda: c.mono)
+    monkeypatch.setattr(lock_module, "_sleep", c.sleep)
+    return c
 
 
 def other(n: int = 1) -> dict:
@@ -66,7 +88,7 @@ def test_a_live_holder_refuses_a_second_driver_and_a_stale_one_is_taken_over(sto
     first = RunLock(store, "r", ttl=60, identity=other(1)).acquire()
     with pytest.raises(RunLockedError, match="being driven by another process.*other-host-1"):
         RunLock(store, "r", ttl=60, identity=other(2)).acquire()
-    clock[0] += 61  # no refresh for longer than the ttl: abandoned
+    clock += 61  # no refresh for longer than the ttl: it looks abandoned, and stays unchanged while watched
     assert lock_is_abandoned(held(store))
     second = RunLock(store, "r", ttl=60, identity=other(2)).acquire()
     assert held(store)["host"] == "other-host-2" and held(store)["token"] == second.body["token"]
@@ -77,8 +99,16 @@ def test_a_live_holder_refuses_a_second_driver_and_a_stale_one_is_taken_over(sto
 
 def test_racing_takeovers_of_a_stale_lock_have_exactly_one_winner(store, clock):
     RunLock(store, "r", ttl=60, identity=other(0)).acquire()
-    clock[0] += 61
+    clock += 61
     barrier, won, refused = threading.Barrier(8), [], []
+    beating = threading.Lock()
+
+    def winner_beats() -> None:  # the winner's heartbeat, while the others still watch
+        with beating:
+            for lock in won:
+                lock.refresh()
+
+    clock.during_sleep.append(winner_beats)
 
     def race(n: int) -> None:
         driver = RunLock(store, "r", ttl=60, identity=other(n))
@@ -100,12 +130,12 @@ def test_racing_takeovers_of_a_stale_lock_have_exactly_one_winner(store, clock):
 def test_a_refreshed_lock_outlives_its_ttl(store, clock):
     holder = RunLock(store, "r", ttl=10, identity=other(1)).acquire()
     for _ in range(5):  # 40 s of a 10 s ttl, refreshed every 8 s
-        clock[0] += 8
+        clock += 8
         assert holder.refresh()
     assert not lock_is_abandoned(held(store)) and held(store)["beat"] == 5
     with pytest.raises(RunLockedError):
         RunLock(store, "r", ttl=10, identity=other(2)).acquire()
-    clock[0] += 11  # and without a refresh it goes stale
+    clock += 11  # and without a refresh it goes stale
     RunLock(store, "r", ttl=10, identity=other(2)).acquire()
 
 
@@ -129,7 +159,7 @@ def test_two_drivers_on_one_run_id_one_proceeds_and_nothing_is_overwritten(tmp_p
     commit_bytes(a_store, "iter-1/plan.json", b"A's plan", "cfg")
     with pytest.raises(RunLockedError):
         RunLock(b_store, "r", ttl=10, identity=other(2)).acquire()  # A is live
-    clock[0] += 11
+    clock += 11
     b = RunLock(b_store, "r", ttl=10, identity=other(2)).acquire()
     b_store.write_guard = b.check
     assert not a.refresh()  # A wakes up: its refresh finds B's lock
@@ -164,3 +194,108 @@ def test_a_lock_of_this_host_is_abandoned_only_when_its_process_is_gone():
     me = {"host": socket.gethostname(), "pid": 1, "time": 0}
     assert not lock_is_abandoned(me)  # pid 1 lives, however old the stamp
     assert lock_is_abandoned(me | {"pid": 2**22 + 1})
+
+
+def test_a_stalled_holder_stops_writing_before_a_taker_may_take_its_lock(tmp_path, clock):
+    """The holder fences itself at ttl less two beats after its last successful refresh; a taker on another host
+    waits a whole ttl, so the stalled holder's write lands neither after the takeover nor beside it."""
+    base = f"file://{tmp_path}"
+    a_store, b_store = run_store(base, "r"), run_store(base, "r")
+    a = RunLock(a_store, "r", ttl=10, identity=other(1)).acquire()
+    a_store.write_guard = a.check
+    clock += 7.9  # fence: 10 - 2 x 1 s
+    commit_bytes(a_store, "iter-1/plan.json", b"A's plan", "cfg")
+    clock += 0.2  # stalled past its fence (no beat landed): refused before anyone took over
+    with pytest.raises(LockLostError, match="last refreshed 8 s ago, past its 8 s fence"):
+        commit_bytes(a_store, "iter-1/result.json", b"A's result", "cfg")
+    clock += 3
+    b = RunLock(b_store, "r", ttl=10, identity=other(2)).acquire()
+    assert held(b_store)["token"] == b.body["token"]
+    with pytest.raises(LockLostError):
+        a_store.put_bytes("iter-1/written-after-takeover.txt", b"A")
+    assert not b_store.exists("iter-1/written-after-takeover.txt")
+
+
+def test_a_taker_whose_clock_runs_ahead_does_not_take_a_live_lock(store, clock):
+    holder = RunLock(store, "r", ttl=10, identity=other(1)).acquire()
+    clock.during_sleep.append(holder.refresh)  # the holder keeps beating while the taker watches
+    clock.wall += 3600  # the taker's host clock is an hour ahead: the lock's stamp looks stale
+    with pytest.raises(RunLockedError, match="heartbeat moved while this process watched it"):
+        RunLock(store, "r", ttl=10, identity=other(2)).acquire()
+    assert held(store)["token"] == holder.body["token"] and holder.refresh()
+
+
+def test_a_stale_looking_lock_is_taken_over_only_after_a_ttl_of_the_takers_own_clock(store, clock):
+    RunLock(store, "r", ttl=10, identity=other(1)).acquire()  # its host died
+    clock.wall += 3600  # stamped an hour ago by this host's clock
+    start = clock.mono
+    taker = RunLock(store, "r", ttl=10, identity=other(2)).acquire()
+    assert clock.mono - start >= 10 and held(store)["token"] == taker.body["token"]
+
+
+def test_a_lock_of_this_host_naming_a_recycled_pid_is_taken_over():
+    """A container restarted under the same hostname: its old lock names pid 1, now another process."""
+    me = {"host": socket.gethostname(), "pid": 1, "time": 0}
+    assert lock_is_abandoned(me | {"started_at": "another-boot:12345"})
+    assert not lock_is_abandoned(me | {"started_at": lock_module.process_start(1)})
+    assert lock_module.process_start(os.getpid()) == lock_module._holder(60)["started_at"]
+
+
+def test_a_recycled_pid_lock_is_taken_over_on_a_real_store(tmp_path):
+    store = run_store(f"file://{tmp_path}", "r")
+    stale = {"host": socket.gethostname(), "pid": 1, "started_at": "another-boot:1", "time": 0, "ttl": 600}
+    store.put_bytes(keys.LOCK_KEY, json.dumps(stale | {"token": "old", "beat": 0}).encode())
+    taker = RunLock(store, "r").acquire()
+    assert held(store)["token"] == taker.body["token"]
+
+
+def test_a_process_working_for_a_driver_stops_writing_once_the_driver_lost_the_lock(tmp_path, clock):
+    """A Ray replica's store checks the driver's token in the lock before each write."""
+    base = f"file://{tmp_path}"
+    driver = RunLock(run_store(base, "w"), "w", ttl=10, identity=other(1)).acquire()
+    replica_store = run_store(base, "w")
+    lock_module.work_for(replica_store.url, driver.body["token"])
+    try:
+        commit_bytes(replica_store, "iter-1/supernet/a.bin", b"copy", "cfg")
+        clock += 11
+        RunLock(run_store(base, "w"), "w", ttl=10, identity=other(2)).acquire()  # the driver's host died
+        with pytest.raises(LockLostError, match="no longer holds the lock.*other-host-2"):
+            commit_bytes(replica_store, "iter-1/supernet/b.bin", b"copy", "cfg")
+    finally:
+        lock_module._WORKING_FOR.pop(replica_store.url, None)
+
+
+FIRST_START = """
+import sys, time
+from flows.recipes import resolve_config
+from tyr_runtime.runs import open_run, release_run
+config = resolve_config("tiny-test")
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+try:
+    ref = open_run(config, "same", sys.argv[1], None)
+except Exception as err:
+    print(type(err).__name__, err)
+else:
+    time.sleep(2)  # still driving while the others try
+    release_run(ref)
+    print("drives")
+"""
+
+
+def test_simultaneous_first_starts_of_one_run_id_one_drives_and_the_others_are_refused(tmp_path):
+    """Three processes start the same new run at the same instant: the lock is taken before run.json is committed,
+    so each one either drives or is told who does, never that run.json was committed with other bytes."""
+    import subprocess
+    import sys
+
+    start_at = str(time.time() + 20)  # after every process has imported tyr
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_START, f"file://{tmp_path}", start_at], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    kinds = [o.split()[0] if o else "" for o in outcomes]
+    assert kinds.count("drives") >= 1 and set(kinds) <= {"drives", "RunLockedError"}, outcomes
+    assert any("being driven by another process" in o for o in outcomes), outcomes

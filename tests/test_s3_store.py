@@ -648,6 +648,26 @@ def test_an_embedded_seaweed_never_outlives_a_killed_owner_unnoticed(tmp_path, m
     assert _wait_gone(weed_pid, timeout=1)
 
 
+@pytest.mark.slow
+def test_an_embedded_seaweed_started_from_a_thread_outlives_that_thread(tmp_path):
+    """Linux's death signal follows the thread that forked the child: a store started from a task runner's thread
+    must keep serving after that thread ends, and still die with the process."""
+    import threading
+
+    started: list[EmbeddedSeaweed] = []
+    starter = threading.Thread(target=lambda: started.append(EmbeddedSeaweed(tmp_path / "weed").start()))
+    starter.start()
+    starter.join()
+    server = started[0]
+    try:
+        time.sleep(2)  # the death signal, if armed by the ended thread, has been delivered by now
+        assert server.proc.poll() is None and (server._relay is None or server._relay.poll() is None)
+        commit_bytes(server.open_store("r"), "t.json", b"{}", "cfg")
+        assert read_verified(server.open_store("r"), "t.json") == b"{}"
+    finally:
+        server.stop()
+
+
 def test_gc_of_one_run_leaves_a_sibling_whose_id_it_prefixes(s3):
     """``runs/r1`` and ``runs/r10`` share a string prefix on S3: GC of r1 lists ``runs/r1/``, never ``runs/r1``."""
     r1, r10 = s3.scoped("runs/r1"), s3.scoped("runs/r10")

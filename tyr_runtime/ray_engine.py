@@ -82,15 +82,20 @@ class Replica:
             "committed": list(worker_steps.COMMITTED_HERE),
         }
 
-    def build(self, step: str, *args) -> Any:
-        """One build step (``layer_stats``, ``local_prune``, ``accumulate``, ``end_build``) in this process."""
+    def build(self, step: str, *args, driver_token: str | None = None) -> Any:
+        """One build step (``layer_stats``, ``local_prune``, ``accumulate``, ``end_build``) in this process, for the
+        driver holding the run's lock with ``driver_token``: the step's commits check that it still does."""
         from . import worker_steps
 
         if step not in {"layer_stats", "local_prune", "accumulate", "end_build"}:
             raise ValueError(f"unknown build step {step!r}")
+        from .lock import work_for
         from .workspace import workspace
 
-        workspace(self.ref).build_gpus = max(1, self.gpus)
+        ws = workspace(self.ref)
+        if driver_token is not None:
+            work_for(ws.store.url, driver_token)
+        ws.build_gpus = max(1, self.gpus)
         self.build_steps += 1
         return getattr(worker_steps, step)(self.ref, *args)
 
@@ -146,8 +151,13 @@ class RayEngine:
         return [self.actor(i) for i in range(self.execution.replicas)]
 
     def build(self, step: str, *args) -> Any:
-        """A build step on the build replica, which owns the layer cursor across the layer's steps."""
-        return _ray().get(self.actor(BUILD_REPLICA).build.remote(step, *args))
+        """A build step on the build replica, which owns the layer cursor across the layer's steps; it writes only
+        while this process holds the run's lock."""
+        from .lock import driver_token
+        from .workspace import workspace
+
+        token = driver_token(workspace(self.ref).store.url)
+        return _ray().get(self.actor(BUILD_REPLICA).build.remote(step, *args, driver_token=token))
 
     def get(self, refs: list) -> list:
         """The answers of actor calls, in order (waits; a call to a replica that died is sent again by Ray)."""

@@ -42,8 +42,12 @@ def open_run(config: RunConfig, run_id: str | None, store_url: str | None, endpo
     )
     store = run_store(ref.store_url, ref.run_id, endpoint_url=ref.endpoint_url)
     check_store(store)  # unreachable endpoint, rejected credentials, missing bucket: fail before any work
-    _check_or_commit_config(store, config, ref.run_id)
-    acquire_lock(store, ref.run_id)
+    acquire_lock(store, ref.run_id)  # first: of two simultaneous first starts, one drives and one is refused
+    try:
+        _check_or_commit_config(store, config, ref.run_id)
+    except BaseException:
+        release_lock(store)
+        raise
     forget(ref)  # a fresh workspace reads the committed config
     ray_engine.request(ref, config.execution, config.torch_threads)  # this invocation's, not run.json's
     return ref

@@ -45,6 +45,7 @@ from .seaweed_host import (
     is_weed_of,
     load_or_create_credentials,
     load_or_create_security,
+    popen_for_process,
     started_at,
     weed_binary,
 )
@@ -430,7 +431,7 @@ class EmbeddedSeaweed:
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
         private = self.private_network()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = popen_for_process(
                 self._command(ports),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -7,13 +7,17 @@ import contextlib
 import ctypes
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tyr_core.errors import StoreError
 
@@ -122,6 +126,38 @@ def load_or_create_security(data_dir: Path) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(body)
     return path
+
+
+_spawn_requests: queue.SimpleQueue = queue.SimpleQueue()
+_spawner: list[threading.Thread] = []
+_spawner_guard = threading.Lock()
+
+
+def _spawn_forever() -> None:
+    while True:
+        args, kwargs, answer = _spawn_requests.get()
+        try:
+            answer.put((subprocess.Popen(*args, **kwargs), None))
+        except BaseException as err:  # handed to the caller's thread
+            answer.put((None, err))
+
+
+def popen_for_process(*args: Any, **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` from a thread that lives as long as this process. The death signal armed by
+    ``child_setup`` fires when the thread that forked the child ends, not the process: a server started from a
+    short-lived thread (a task runner's) would die with that thread."""
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(*args, **kwargs)
+    with _spawner_guard:
+        if not _spawner:
+            _spawner.append(threading.Thread(target=_spawn_forever, name="tyr-spawner", daemon=True))
+            _spawner[0].start()
+    answer: queue.SimpleQueue = queue.SimpleQueue()
+    _spawn_requests.put((args, kwargs, answer))
+    proc, err = answer.get()
+    if err is not None:
+        raise err
+    return proc
 
 
 def child_setup(parent: int) -> Callable[[], None]:

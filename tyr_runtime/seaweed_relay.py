@@ -175,7 +175,9 @@ def start_relay(port: int, target: Path, server_pid: int, preexec: Callable[[], 
         OSError: the port is taken (``EADDRINUSE``) or the relay could not start.
     """
     command = [sys.executable, "-m", "tyr_runtime.seaweed_relay", str(port), str(target), str(server_pid)]
-    proc = subprocess.Popen(
+    from .seaweed_host import popen_for_process
+
+    proc = popen_for_process(
         command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

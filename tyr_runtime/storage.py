@@ -84,7 +84,7 @@ def run_store(base_url: str, run_id: str, endpoint_url: str | None = None, **opt
     sub = keys.run_prefix(check_run_id(run_id))
     base = open_store(base_url, endpoint_url, **options)
     store = base.scoped(sub)  # a FileStore refuses a run folder (or runs/) that is a symbolic link
-    store.write_guard = write_guard(store.url)
+    store.write_guard = write_guard(store)
     return store
 
 
