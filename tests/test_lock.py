@@ -266,17 +266,30 @@ def test_a_process_working_for_a_driver_stops_writing_once_the_driver_lost_the_l
 
 
 FIRST_START = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 from flows.recipes import resolve_config
 from tyr_runtime.runs import open_run, release_run
+
+store_url, meet, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 config = resolve_config("tiny-test")
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+
+
+def wait_for(prefix, count):
+    deadline = time.monotonic() + 120
+    while len(list(meet.glob(prefix + "*"))) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+(meet / f"ready-{os.getpid()}").touch()
+wait_for("ready-", n)  # all start together
 try:
-    ref = open_run(config, "same", sys.argv[1], None)
+    ref = open_run(config, "same", store_url, None)
 except Exception as err:
+    (meet / f"tried-{os.getpid()}").touch()
     print(type(err).__name__, err)
 else:
-    time.sleep(2)  # still driving while the others try
+    wait_for("tried-", n - 1)  # still driving while every other one tries
     release_run(ref)
     print("drives")
 """
@@ -284,18 +297,14 @@ else:
 
 def test_simultaneous_first_starts_of_one_run_id_one_drives_and_the_others_are_refused(tmp_path):
     """Three processes start the same new run at the same instant: the lock is taken before run.json is committed,
-    so each one either drives or is told who does, never that run.json was committed with other bytes."""
+    so exactly one drives and each other one is told who does, never that run.json was committed with other bytes."""
     import subprocess
     import sys
 
-    start_at = str(time.time() + 20)  # after every process has imported tyr
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", FIRST_START, f"file://{tmp_path}", start_at], stdout=subprocess.PIPE, text=True
-        )
-        for _ in range(3)
-    ]
-    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
-    kinds = [o.split()[0] if o else "" for o in outcomes]
-    assert kinds.count("drives") >= 1 and set(kinds) <= {"drives", "RunLockedError"}, outcomes
-    assert any("being driven by another process" in o for o in outcomes), outcomes
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    command = [sys.executable, "-c", FIRST_START, f"file://{tmp_path}", str(meet), "3"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
+    assert outcomes[0].startswith("RunLockedError") and outcomes[1].startswith("RunLockedError"), outcomes
+    assert outcomes[2] == "drives" and "being driven by another process" in outcomes[0], outcomes

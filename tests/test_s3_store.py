@@ -604,6 +604,9 @@ import sys, time
 import tyr_runtime.seaweed as sw
 if sys.argv[2] == "orphan":  # as if the death signal were unavailable (not Linux): the pid file must do
     sw.child_setup = lambda parent: (lambda: None)
+if sys.argv[2] == "no-pid-file":  # killed after its server answered, before it wrote the pid file
+    import os, signal
+    sw.EmbeddedSeaweed._save_pid = lambda self: (print(self.proc.pid, flush=True), os.kill(os.getpid(), signal.SIGKILL))
 server = sw.EmbeddedSeaweed(sys.argv[1]).start()
 print(server.proc.pid, flush=True)
 time.sleep(600)
@@ -666,6 +669,25 @@ def test_an_embedded_seaweed_started_from_a_thread_outlives_that_thread(tmp_path
         assert read_verified(server.open_store("r"), "t.json") == b"{}"
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_server_whose_owner_died_before_writing_its_pid_file_never_blocks_the_next_start(tmp_path):
+    """The next start finds the dying (or orphaned) server by its command line and waits for it, instead of
+    starting beside it and exiting on SeaweedFS's own lock of the data folder."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "weed"
+    command = [sys.executable, "-c", _OWNER, str(data), "no-pid-file"]
+    owner = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    weed_pid = int(owner.stdout.readline())
+    owner.wait()
+    assert not (data / "tyr-weed.pid.json").exists()
+    with EmbeddedSeaweed(data) as server:  # at once: the old server may still be shutting down
+        commit_bytes(server.open_store("r"), "z.json", b"{}", "cfg")
+        assert read_verified(server.open_store("r"), "z.json") == b"{}"
+    assert _wait_gone(weed_pid, timeout=1)
 
 
 def test_gc_of_one_run_leaves_a_sibling_whose_id_it_prefixes(s3):

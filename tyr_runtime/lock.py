@@ -27,10 +27,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from tyr_core import keys
 from tyr_core.errors import LockLostError, MissingArtefactError, RunLockedError, StoreError
 from tyr_core.store import Store
+
+from .seaweed_host import started_at
 
 # a lock not refreshed for this long is abandoned (its holder, on another host, died); TYR_LOCK_TTL_S overrides it
 LOCK_TTL_S = float(os.environ.get("TYR_LOCK_TTL_S", "600"))
@@ -59,11 +62,11 @@ def process_start(pid: int) -> str | None:
     """The boot and the start time of process ``pid`` (Linux ``/proc``), which a recycled pid does not share; None
     where they cannot be read."""
     try:
-        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
-        stat = open(f"/proc/{pid}/stat").read()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
-    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, after the parenthesised command name
+    started = started_at(pid)
+    return None if started is None else f"{boot}:{started}"
 
 
 def _holder(ttl: float, identity: dict | None = None) -> dict:

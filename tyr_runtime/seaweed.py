@@ -48,6 +48,7 @@ from .seaweed_host import (
     popen_for_process,
     started_at,
     weed_binary,
+    weed_pids_of,
 )
 from .seaweed_relay import SHARED_PORTS_ENV, in_private_network, private_network_error, start_relay, stop_relay
 from .storage import S3Store
@@ -351,21 +352,24 @@ class EmbeddedSeaweed:
                 self._release_data_dir()
 
     def _stop_orphan(self) -> None:
-        """Stop the server the pid file names (we hold the data folder's lock and it has no live user left): it
-        would hold SeaweedFS's own locks on the data and make a new server exit."""
-        pid = self._running_pid()
-        if pid is None:
+        """Stop every server of this data folder (we hold the data folder's lock and it has no live user left): the
+        one the pid file names, and any whose owner was killed before it wrote one. Each would hold SeaweedFS's own
+        locks on the data and make a new server exit."""
+        pids = set(weed_pids_of(self.data_dir))
+        if not pids:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout
-        while is_weed_of(pid, self.data_dir) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if is_weed_of(pid, self.data_dir):
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-            while is_weed_of(pid, self.data_dir) and time.monotonic() < deadline + 10:
-                time.sleep(0.1)
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        while any(is_weed_of(pid, self.data_dir) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in pids:
+            if is_weed_of(pid, self.data_dir):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        while any(is_weed_of(pid, self.data_dir) for pid in pids) and time.monotonic() < deadline + 10:
+            time.sleep(0.1)
         _remove_grpc_sockets(self._saved_ports() or {})
         sockets = Path(str((self._pid_record() or {}).get("sockets", "")))
         if sockets.name.startswith("tyr-weed-") and sockets.parent == Path(tempfile.gettempdir()):

@@ -186,6 +186,16 @@ def is_weed_of(pid: int, data_dir: Path) -> bool:
     )
 
 
+def weed_pids_of(data_dir: Path) -> list[int]:
+    """Every live ``weed`` serving ``data_dir``, whether or not a pid file names it (a command killed while its
+    server started never wrote one)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and is_weed_of(int(entry.name), data_dir):
+            pids.append(int(entry.name))
+    return pids
+
+
 def started_at(pid: int) -> str | None:
     """``pid``'s start time (clock ticks since boot), or None if it is gone or a zombie: a lease whose pid was
     recycled by another process does not match it."""
