@@ -118,16 +118,22 @@ def test_the_comparison_catches_an_unpermuted_rope_and_a_lost_attention(tokenize
     assert spread_error(llama_logits(tmp_path / "lost" / FILE_NAME, ids), expected) > 1e-2
 
 
-def test_f16_files_load_are_smaller_and_near_the_f32_logits(tokenizer, heldout_ids, tmp_path):
+def test_f16_and_q8_0_files_load_are_smaller_and_near_the_f32_logits(tokenizer, heldout_ids, tmp_path):
+    import gguf
+
     model = tiny_model("llama", vocab_size=SMOLLM2_VOCAB, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
-    layout = make_layout(model, {0: [0, 1]}, {1: 96})
+    layout = make_layout(model, {0: [0, 1]}, {1: 100})  # layer 1's 100-neuron ffn_down rows are not q8_0 blocks
     sizes, logits = {}, {}
-    for kind in ("f32", "f16"):
+    for kind in ("f32", "f16", "q8_0"):
         save_gguf(model, layout, tmp_path / kind, tokenizer=tokenizer, gguf_type=kind)
         sizes[kind] = (tmp_path / kind / FILE_NAME).stat().st_size
         logits[kind] = llama_logits(tmp_path / kind / FILE_NAME, heldout_ids[:16])
-    assert sizes["f16"] < 0.6 * sizes["f32"]
+    assert sizes["q8_0"] < 0.6 * sizes["f16"] < 0.6 * sizes["f32"]
     assert 0 < spread_error(logits["f16"], logits["f32"]) < 2e-2
+    assert np.isfinite(logits["q8_0"]).all() and (logits["q8_0"].argmax(1) == logits["f32"].argmax(1)).mean() > 0.9
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q8_0" / FILE_NAME).tensors}
+    assert types["blk.1.ffn_down.weight"] == "F16" and types["blk.1.ffn_up.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
 
 
 def test_llama_cpp_tokenizes_real_text_as_transformers_does(tokenizer, tmp_path):
@@ -249,6 +255,10 @@ def test_llama_cpp_perplexity_matches_tyrs_evaluation_for_the_pruned_and_the_den
     save_gguf(dense_model, full_layout(dense_model), base / "dense", tokenizer=tokenizer, gguf_type="f32")
     dense = llama_perplexity(base / "dense" / FILE_NAME, windows)
     assert abs(dense / report["baselines"]["dense_ppl"] - 1) < 0.01, (dense, report["baselines"]["dense_ppl"])
+    # q8_0 rounds the weights (and llama.cpp the activations) to 8 bits: a small, bounded loss
+    save_gguf(dense_model, full_layout(dense_model), base / "dense-q8_0", tokenizer=tokenizer, gguf_type="q8_0")
+    dense_q8_0 = llama_perplexity(base / "dense-q8_0" / FILE_NAME, windows)
+    assert 0.995 < dense_q8_0 / dense < 1.02, (dense_q8_0, dense)
 
 
 @pytest.mark.slow

@@ -168,8 +168,9 @@ class ExportConfig(_Strict):
         default_factory=lambda: ["compact"], description="formats written at the end of a run (tyr export --help)"
     )
     plot: bool = Field(True, description="write the per-layer sparsity plot and JSON beside each export")
-    gguf_type: Literal["f16", "f32"] = Field(
-        "f16", description="weight type of the gguf export (norms stay f32; llama-quantize makes smaller types)"
+    gguf_type: Literal["f16", "f32", "q8_0"] = Field(
+        "f16",
+        description="weight type of the gguf export (norms stay f32; q8_0 keeps rows not in blocks of 32 in f16)",
     )
 
 

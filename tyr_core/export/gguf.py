@@ -20,7 +20,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from .nemotron import check_deci_model
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-GgufType = Literal["f32", "f16"]
+GgufType = Literal["f32", "f16", "q8_0"]
+Q8_0_BLOCK = 32  # values per q8_0 block: a row whose length is not a multiple stays f16, as llama-quantize does
 ARCH = "deci"
 FILE_NAME = "model.gguf"
 
@@ -227,13 +228,22 @@ def _add_tokenizer(writer: object, tokenizer: PreTrainedTokenizerBase, vocab_siz
         gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
-def _encode(tensor: torch.Tensor, kind: GgufType) -> np.ndarray:
-    """The array to write: norms and other 1-D tensors stay f32, as llama.cpp's converter writes them."""
+def _encode(tensor: torch.Tensor, kind: GgufType) -> tuple[np.ndarray, Any]:
+    """The array to write and its GGML type (None: the array's own). Norms and other 1-D tensors stay f32, as
+    llama.cpp's converter writes them; with ``q8_0`` a matrix whose rows do not split into 32-value blocks (a
+    searched FFN width in ``ffn_down``) stays f16."""
+    import gguf
+
     data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-    return data if data.ndim == 1 or kind == "f32" else data.astype(np.float16)
+    if data.ndim == 1 or kind == "f32":
+        return data, None
+    if kind == "q8_0" and data.shape[-1] % Q8_0_BLOCK == 0:
+        q8_0 = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(data, q8_0), q8_0
+    return data.astype(np.float16), None
 
 
-FILE_TYPES = {"f32": 0, "f16": 1}  # llama_ftype: ALL_F32, MOSTLY_F16
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 
 
 def gguf_tensors(model: nn.Module, layout: PrunedLayout) -> tuple[list[GgufLayer], dict[str, torch.Tensor]]:
@@ -274,8 +284,8 @@ def save_gguf(
         layout: the kept groups and refitted output projections of every sublayer.
         out_dir: the folder to create or replace.
         tokenizer: required: a GGUF carries its tokenizer.
-        gguf_type: ``f16`` (2-D weights in half precision, norms f32) or ``f32``; quantise further with llama.cpp's
-            ``llama-quantize``.
+        gguf_type: ``f16`` (2-D weights in half precision, norms f32), ``q8_0`` (2-D weights in 8-bit blocks where
+            their rows split into blocks of 32, else f16) or ``f32``; llama.cpp's ``llama-quantize`` makes others.
         name: ``general.name`` of the file.
 
     Returns:
@@ -313,7 +323,8 @@ def save_gguf(
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
         for tensor_name, tensor in tensors.items():
-            writer.add_tensor(tensor_name, _encode(tensor, gguf_type))
+            data, raw_dtype = _encode(tensor, gguf_type)
+            writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
