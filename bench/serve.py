@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--store", required=True, help="the run's store: a folder or a URL")
     ap.add_argument("--run", required=True, help="the run id")
     ap.add_argument("--endpoint-url", default=None)
-    ap.add_argument("--type", default="f32", choices=("f32", "f16"), help="GGUF weight type of both models")
+    ap.add_argument("--type", default="f32", choices=("f32", "f16", "q8_0"), help="GGUF weight type of both models")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen", type=int, default=64, help="generated tokens")
     ap.add_argument("--repeats", type=int, default=5)
