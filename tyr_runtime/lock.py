@@ -98,9 +98,8 @@ def _holder_process_is_gone(lock: dict) -> bool:
         return True
     except PermissionError:  # alive, another user's
         pass
-    started_at = lock.get("started_at")
-    now_started = process_start(pid)
-    return started_at is not None and now_started is not None and started_at != now_started
+    recorded, now = lock.get("started_at"), process_start(pid)
+    return recorded is not None and now is not None and recorded != now
 
 
 def lock_is_abandoned(lock: dict) -> bool:
