@@ -355,26 +355,24 @@ class EmbeddedSeaweed:
         """Stop every server of this data folder (we hold the data folder's lock and it has no live user left): the
         one the pid file names, and any whose owner was killed before it wrote one. Each would hold SeaweedFS's own
         locks on the data and make a new server exit."""
-        pids = set(weed_pids_of(self.data_dir))
+        pids = weed_pids_of(self.data_dir)
         if not pids:
             return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
-        while any(is_weed_of(pid, self.data_dir) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in pids:
-            if is_weed_of(pid, self.data_dir):
+        for sig, until in ((signal.SIGTERM, deadline), (signal.SIGKILL, deadline + 10)):
+            for pid in self._live(pids):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        while any(is_weed_of(pid, self.data_dir) for pid in pids) and time.monotonic() < deadline + 10:
-            time.sleep(0.1)
+                    os.kill(pid, sig)
+            while self._live(pids) and time.monotonic() < until:
+                time.sleep(0.1)
         _remove_grpc_sockets(self._saved_ports() or {})
         sockets = Path(str((self._pid_record() or {}).get("sockets", "")))
         if sockets.name.startswith("tyr-weed-") and sockets.parent == Path(tempfile.gettempdir()):
             shutil.rmtree(sockets, ignore_errors=True)
         (self.data_dir / _PID_FILE).unlink(missing_ok=True)
+
+    def _live(self, pids: list[int]) -> list[int]:
+        return [pid for pid in pids if is_weed_of(pid, self.data_dir)]
 
     @staticmethod
     def private_network() -> bool:
