@@ -48,9 +48,11 @@ from tyr_core.pipeline import (  # noqa: E402
     apply_layout,
     calibration_windows,
     initial_centres,
+    placement,
     plan_iteration,
     prune_settings,
     run_iteration_local,
+    teacher_forward,
 )
 from tyr_core.supernet import SupernetReader  # noqa: E402
 from tyr_core.supernet_build import SupernetBuild, build_supernet  # noqa: E402
@@ -166,14 +168,19 @@ def main() -> None:
     }
     emit(metric="dense", ppl=ppl(folder, None, None, heldout), subsets=args.subsets, windows=per_subset)
 
-    teachers: dict[int, TeacherTopK] = {}
+    teachers: dict[tuple, TeacherTopK] = {}
 
-    def teacher_for(windows: torch.Tensor, key: int, cfg: RunConfig) -> TeacherTopK:
+    def teacher_for(windows: torch.Tensor, subset: int, cfg: RunConfig) -> TeacherTopK:
+        dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        layers = cfg.search.hidden_layer_ids(dense.config.num_hidden_layers)
+        key = (subset, tuple(layers))  # the hidden-state term's settings keep their dense states
         if key not in teachers:
-            dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             tdir = scratch_dir("tyr-ablation-teacher-")
+            logits, captured = teacher_forward(dense, placement(cfg), layers)
             limit = cfg.teacher.max_windows
-            write_teacher_topk(lambda ids: dense(ids).logits, windows[:limit], cfg.teacher.topk, tdir, 16)
+            write_teacher_topk(
+                logits, windows[:limit], cfg.teacher.topk, tdir, 16, captured=captured, hidden_layers=layers
+            )
             teachers[key] = TeacherTopK(tdir)
         return teachers[key]
 

@@ -61,12 +61,12 @@ def _heldout(ws: Workspace) -> torch.Tensor:
 
 @task(name="teacher", cache_key_fn=artefact_cache_key(lambda p: keys.teacher_index_key()), **IO_RETRIES)
 def teacher(ref: RunRef) -> dict:
-    """The dense model's top-k logits on every window the search scores (fp16 values, int32 ids), in shards; the
-    top-k is taken on the run's device."""
+    """The dense model's top-k logits on every window the search scores (fp16 values, int32 ids), in shards, with
+    the outputs of ``search.hidden_layers`` when the fitness's hidden-state term is on; taken on the run's device."""
     ws = workspace(ref)
 
     def produce() -> bytes:
-        _, logits = ws.forward_model()
+        logits, captured = ws.teacher_forward()
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             write_teacher_topk(
@@ -75,6 +75,8 @@ def teacher(ref: RunRef) -> dict:
                 ws.config.teacher.topk,
                 out,
                 ws.config.teacher.windows_per_shard,
+                captured=captured,
+                hidden_layers=ws.config.search.hidden_layer_ids(ws.model.geometry.num_layers),
             )
             for shard in sorted(out.glob("*.safetensors")):
                 commit_file(ws.store, keys.teacher_file_key(shard.name), shard, ws.config.artefact_hash())

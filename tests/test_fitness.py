@@ -13,7 +13,9 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
 from tyr_core.errors import CalibrationError, MissingArtefactError, SearchError
-from tyr_core.fitness import TeacherTopK, make_kl_evaluator, topk_kl, write_teacher_topk
+from tyr_core.fitness import TeacherTopK, hidden_error, make_kl_evaluator, topk_kl, write_teacher_topk
+from tyr_core.prefix import PrefixForward
+from tyr_core.search import SearchConfig
 
 
 def _logits(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -238,3 +240,79 @@ def test_evaluator_refuses_windows_the_teacher_did_not_see(tiny_llama, tmp_path)
         make_kl_evaluator(apply_levels, logits_fn, torch.zeros(4, 9, dtype=torch.long), teacher)
     with pytest.raises(SearchError, match="at least one window"):
         make_kl_evaluator(apply_levels, logits_fn, windows, teacher)([0, 0], [])
+
+
+# --- the hidden-state term (eq. 6) ---------------------------------------------------------------------------------
+
+
+def test_hidden_error_is_zero_when_equal_scale_free_and_the_layer_mean_of_relative_errors():
+    dense = _logits(2, 3, 5, 8)  # (B, H, T, d)
+    assert hidden_error(dense, dense.clone()) == (0.0, 2 * 4)
+    noisy = dense + 0.1 * _logits(2, 3, 5, 8, seed=1)
+    err, tokens = hidden_error(dense, noisy)
+    assert err == pytest.approx(hidden_error(3 * dense, 3 * noisy)[0], rel=1e-5)  # one weight fits every scale
+    by_hand = ((noisy - dense)[:, :, :-1].pow(2).sum(-1) / dense[:, :, :-1].pow(2).sum(-1)).mean(1).sum()
+    assert tokens == 8 and err == pytest.approx(float(by_hand), rel=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        hidden_error(dense, noisy[:, :2])
+
+
+def test_the_hidden_term_adds_its_weight_times_the_error_of_the_cached_dense_states(tiny_llama, tmp_path):
+    windows = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(11))
+    layers = [0, 1]
+    forward = PrefixForward(tiny_llama, [], 0, capture=layers)
+    index = write_teacher_topk(
+        lambda ids: forward.logits(ids, []),
+        windows,
+        32,
+        tmp_path,
+        4,
+        captured=lambda: forward.captured,
+        hidden_layers=layers,
+    )
+    teacher = TeacherTopK(tmp_path)
+    assert index["hidden_layers"] == layers == teacher.hidden_layers
+    with torch.no_grad():
+        states = tiny_llama(windows[[1, 4]], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(teacher.hidden([1, 4])[:, 0].float(), states[1], rtol=2e-3, atol=2e-3)  # fp16
+    apply_levels, _ = _head_pruner(tiny_llama)
+    kl_only = make_kl_evaluator(apply_levels, forward.logits, windows, teacher)
+    with_hidden = make_kl_evaluator(
+        apply_levels, forward.logits, windows, teacher, hidden_weight=0.5, captured=lambda: forward.captured
+    )
+    all_windows = list(range(6))
+    assert with_hidden([0, 0], all_windows) < 1e-5  # the dense model: only the fp16 rounding of the cache
+    kl, total = kl_only([2, 1], all_windows), with_hidden([2, 1], all_windows)
+    with torch.no_grad():
+        forward.logits(windows, [])
+        err, tokens = hidden_error(teacher.hidden(all_windows), forward.captured)
+    assert total == pytest.approx(kl + 0.5 * err / tokens, rel=1e-4) and err > 0
+    # the per-window scores of paired selection carry the same term
+    per_window = with_hidden.pool_windows([[2, 1]], all_windows)[0]
+    assert sum(per_window) / 6 == pytest.approx(total, rel=1e-4)
+
+
+def test_the_hidden_term_refuses_a_cache_without_hidden_states(tiny_llama, tmp_path):
+    windows = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(12))
+    forward = PrefixForward(tiny_llama, [], 0, capture=[0])
+    with pytest.raises(ValueError, match="go together"):
+        write_teacher_topk(lambda ids: forward.logits(ids, []), windows, 16, tmp_path, hidden_layers=[0])
+    write_teacher_topk(lambda ids: forward.logits(ids, []), windows, 16, tmp_path)
+    teacher = TeacherTopK(tmp_path)
+    apply_levels, _ = _head_pruner(tiny_llama)
+    with pytest.raises(SearchError, match="keeps no hidden states"):
+        teacher.hidden([0])
+    with pytest.raises(SearchError, match="hidden_weight > 0 needs"):
+        make_kl_evaluator(
+            apply_levels, forward.logits, windows, teacher, hidden_weight=1.0, captured=lambda: forward.captured
+        )
+    with pytest.raises(SearchError, match=">= 0"):
+        make_kl_evaluator(apply_levels, forward.logits, windows, teacher, hidden_weight=-1.0)
+
+
+def test_hidden_layers_default_to_the_first_middle_and_last_and_are_checked():
+    assert SearchConfig().hidden_layer_ids(30) == []  # the term is off: the teacher keeps no states
+    assert SearchConfig(hidden_weight=1.0).hidden_layer_ids(30) == [0, 15, 29]
+    assert SearchConfig(hidden_weight=1.0, hidden_layers=[-1, 3, 3]).hidden_layer_ids(30) == [3, 29]
+    with pytest.raises(SearchError, match=r"search.hidden_layers=\[30\]"):
+        SearchConfig(hidden_weight=1.0, hidden_layers=[30]).hidden_layer_ids(30)

@@ -87,10 +87,17 @@ def test_tiny_run_completes_resumes_without_recomputing_and_refuses_other_config
     elsewhere = tyr(preset="tiny-test", run_id="t1", store_url=f"file://{other}", overrides=settings)
     assert is_committed(FileStore(other / "runs" / "t1"), keys.plan_key(1)) and elsewhere["result"] == out["result"]
 
-    # a validation split: the search scores windows that no copy was refitted on
+    # a validation split: the search scores windows that no copy was refitted on; and the fitness's hidden-state
+    # term, whose dense states the teacher step commits beside the top-k
     held = tmp_path / "held"
-    tyr(preset="tiny-test", run_id="v1", store_url=f"file://{held}", overrides=["calibration.validation_windows=4"])
+    hidden = ["calibration.validation_windows=4", "search.hidden_weight=1.0"]
+    tyr(preset="tiny-test", run_id="v1", store_url=f"file://{held}", overrides=hidden)
     v1 = FileStore(held / "runs" / "v1")
+    teacher_index = read_json(v1, keys.teacher_index_key())
+    assert teacher_index["hidden_layers"] == [0, 1]  # the tiny model's 2 layers: first, middle (1) and last
+    shard = load(read_verified(v1, keys.teacher_file_key(teacher_index["shards"][0])))
+    assert shard["hidden"].shape[:3] == (4, 2, 64) and shard["hidden"].dtype == torch.float16
+    assert is_committed(v1, keys.result_key(2))
     calib = load(read_verified(v1, keys.calibration_key()))["windows"]
     validation = load(read_verified(v1, keys.calibration_key("validation")))["windows"]
     assert validation.shape == (4, 64) and torch.equal(

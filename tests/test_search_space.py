@@ -24,7 +24,14 @@ from tyr_core.fitness import TeacherTopK, write_teacher_topk
 from tyr_core.grid import build_sublayers, uniform_centres
 from tyr_core.layerwise import LayerwiseModel
 from tyr_core.param_count import layout_params
-from tyr_core.pipeline import initial_centres, plan_iteration, prune_settings, run_iteration_local
+from tyr_core.pipeline import (
+    initial_centres,
+    placement,
+    plan_iteration,
+    prune_settings,
+    run_iteration_local,
+    teacher_forward,
+)
 from tyr_core.search import SearchGuide, check_bounds, offspring
 from tyr_core.supernet import SupernetReader
 from tyr_core.supernet_build import SupernetBuild, build_supernet
@@ -180,3 +187,29 @@ def test_the_flows_plan_step_builds_the_search_space_the_config_names(tmp_path):
             assert removed <= {0, sub.groups}, (sub.name, removed)
         else:
             assert all(r % 32 == 0 for r in removed), (sub.name, removed)
+
+
+def test_a_search_scored_with_the_hidden_state_term_runs_on_the_teachers_dense_states(tiny_folder, windows, tmp_path):
+    folder = tiny_folder("llama")
+    cfg = RunConfig.model_validate(
+        {
+            "calibration": {"files": ["-"], "seq_len": 32, "num_windows": 16, "validation_windows": 0},
+            "prune": {"iterations": 1, "num_levels": 5, "interval": 0.25, "mlp_rounds": 2},
+            "search": {"generations": 2, "offspring": 4, "stage_tokens": [32, 64], "survivors": [2, 1]},
+            "device": "cpu",
+        }
+    )
+    hidden = cfg.model_copy(update={"search": cfg.search.model_copy(update={"hidden_weight": 1.0})})
+    geo = LayerwiseModel(folder).geometry
+    layers = hidden.search.hidden_layer_ids(geo.num_layers)
+    dense = AutoModelForCausalLM.from_pretrained(folder).eval()
+    logits, captured = teacher_forward(dense, placement(hidden), layers)
+    write_teacher_topk(logits, windows[:8], 32, tmp_path / "teacher", 8, captured=captured, hidden_layers=layers)
+    teacher = TeacherTopK(tmp_path / "teacher")
+    centres = initial_centres(geo, cfg.prune, "heads")
+    scores = {}
+    for name, run_cfg in (("kl", cfg), ("hidden", hidden)):
+        res = run_iteration_local(folder, windows[:16], teacher, run_cfg, 1, centres, tmp_path / name)
+        scores[name] = res.validation_fitness
+    # the same supernet and seed: the hidden term can only add to the winner's KL, or pick another winner
+    assert scores["hidden"] > 0 and scores["hidden"] != scores["kl"]

@@ -20,7 +20,7 @@ from .config import CalibrationConfig, PruneConfig, RunConfig
 from .device import configure_numerics, memory_budget, resolve_device
 from .errors import CalibrationError, ConfigError
 from .families import Geometry
-from .fitness import TeacherTopK
+from .fitness import Captured, LogitsFn, TeacherTopK
 from .grid import Sublayer, build_sublayers, recentre, uniform_centres
 from .keys import KINDS, Kind
 from .layerwise import LayerwiseModel
@@ -138,6 +138,17 @@ def resident_or_streamed(
         return PrefixForward(model, sublayers, prefix_budget, BlockStreamer(model, where.device))
     model.to(where.device)
     return PrefixForward(model, sublayers, prefix_budget)
+
+
+def teacher_forward(model: nn.Module, where: Placement, hidden_layers: list[int]) -> tuple[LogitsFn, Captured | None]:
+    """The dense model's ``input_ids -> logits`` for the teacher cache (resident on the device, or its blocks
+    streamed through it), and with ``hidden_layers`` a callable giving those layers' outputs of the last forward."""
+    forward = resident_or_streamed(model, [], where, 0)
+    if forward.streamer is None and not hidden_layers:
+        return (lambda ids: model(ids.to(where.device)).logits), None
+    forward.capture = tuple(hidden_layers)
+    captured = (lambda: forward.captured) if hidden_layers else None
+    return (lambda ids: forward.logits(ids, [])), captured
 
 
 def prune_settings(cfg: PruneConfig, spill_dir: Path | None = None, device_budget_bytes: int = 0) -> PruneSettings:
@@ -261,9 +272,13 @@ def run_iteration_local(
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32, use_safetensors=True).eval()
     model.config._attn_implementation = "sdpa"
     forward = resident_or_streamed(model, subs, where, (2 << 30) if cfg.search.prefix_sharing else 0)
+    forward.capture = tuple(cfg.search.hidden_layer_ids(lm.geometry.num_layers))
     sm = SupernetModel(model, SupernetReader(out), lm.geometry)
     search_windows = (windows if search_windows is None else search_windows)[: teacher.index["windows"]]
-    evaluate = make_kl_evaluator(sm.apply, forward.logits, search_windows, teacher)
+    captured = (lambda: forward.captured) if forward.capture else None
+    evaluate = make_kl_evaluator(
+        sm.apply, forward.logits, search_windows, teacher, hidden_weight=cfg.search.hidden_weight, captured=captured
+    )
     scan, scan_s = None, 0.0
     if cfg.search.needs_scan:
         s0 = time.perf_counter()

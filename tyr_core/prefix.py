@@ -4,11 +4,15 @@ Offspring differ from their parent in 2-8 sublayers (1-4 sparsity shifts). Every
 first changed layer computes exactly what the parent computes, so those hidden states are cached per minibatch
 (filled by whichever candidate runs through them first) and later candidates start at their first changed layer.
 Results are identical to a full forward; the saving is measured in ``bench/quality.py``.
+
+With ``capture`` set, each forward also keeps the outputs of those decoder layers (``captured``), for the fitness's
+hidden-state term (``search.hidden_weight``); a layer inside the shared prefix is read from the reference's cache.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -26,6 +30,7 @@ class PrefixForward:
         sublayers: the genes, giving each level's layer.
         budget_bytes: most bytes of cached hidden states (oldest minibatches dropped beyond it); 0 disables sharing.
         streamer: runs the decoder blocks with their weights streamed through the device (models that do not fit).
+        capture: decoder layers whose outputs each forward keeps in ``captured`` as ``(B, len(capture), T, d)``.
     """
 
     def __init__(
@@ -34,6 +39,7 @@ class PrefixForward:
         sublayers: list[Sublayer],
         budget_bytes: int = 2 << 30,
         streamer: BlockStreamer | None = None,
+        capture: Sequence[int] = (),
     ):
         self.model = model
         self.streamer = streamer
@@ -44,6 +50,8 @@ class PrefixForward:
         self._pos: tuple[torch.Tensor, torch.Tensor] | None = None
         self.layers_run = 0
         self.layers_full = 0
+        self.capture = tuple(capture)
+        self.captured: torch.Tensor | None = None
 
     def set_reference(self, levels: list[int]) -> None:
         """The candidate whose prefix states are shared (the search parent); clears the cache if it changed."""
@@ -69,10 +77,14 @@ class PrefixForward:
         if not states:
             states.append(h)
         pos = self._positions(input_ids)
+        kept = {j: states[j + 1] for j in self.capture if j + 1 <= start}  # outputs inside the shared prefix
         for j in range(start, n_layers):
             h = self.streamer.run(j, h, pos) if self.streamer is not None else self._block(inner.layers[j], h, pos)
             if j < shared and j + 1 == len(states):
                 states.append(h)  # still the reference's computation: share it
+            if j in self.capture:
+                kept[j] = h
+        self.captured = torch.stack([kept[j] for j in self.capture], dim=1) if self.capture else None
         self.layers_run += n_layers - start
         self.layers_full += n_layers
         self._trim()

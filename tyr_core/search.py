@@ -95,6 +95,17 @@ class SearchConfig(BaseModel):
         "parent only when their per-window differences put it ahead beyond paired_z standard errors",
     )
     paired_z: float = Field(1.0, ge=0.0, description="selection=paired: standard errors a child must win by")
+    hidden_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of the hidden-state term of the paper's eq. 6 in the fitness (each token's relative "
+        "squared error at hidden_layers, added to its KL); 0 scores the logits only (the reference)",
+    )
+    hidden_layers: list[int] | None = Field(
+        None,
+        description="decoder layers the hidden-state term compares (negative counts from the last); default the "
+        "first, middle and last, as the paper's ablation",
+    )
 
     @field_validator("stage_tokens")
     @classmethod
@@ -126,6 +137,22 @@ class SearchConfig(BaseModel):
         if self.offspring < self.survivors[0]:
             raise ValueError(f"offspring={self.offspring} must be at least survivors[0]={self.survivors[0]}")
         return self
+
+    def hidden_layer_ids(self, n_layers: int) -> list[int]:
+        """The decoder layers the fitness's hidden-state term compares, for a model of ``n_layers``; empty when
+        the term is off.
+
+        Raises:
+            SearchError: if a layer of ``hidden_layers`` is outside the model.
+        """
+        if self.hidden_weight == 0:
+            return []
+        wanted = self.hidden_layers if self.hidden_layers is not None else [0, n_layers // 2, n_layers - 1]
+        if not wanted or any(not -n_layers <= j < n_layers for j in wanted):
+            raise SearchError(
+                f"search.hidden_layers={wanted} must name at least one decoder layer in [-{n_layers}, {n_layers - 1}]"
+            )
+        return sorted({j % n_layers for j in wanted})
 
     @property
     def needs_scan(self) -> bool:

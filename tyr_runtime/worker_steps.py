@@ -115,7 +115,9 @@ def search_evaluator(ref: RunRef, iteration: int, reference: list[int]) -> KLEva
     teacher_ = teacher(ws)
     windows = ws.search_windows()[: teacher_.index["windows"]]
     forward.set_reference(list(reference))  # candidates share the reference's (the parent's) unchanged layers
-    return make_kl_evaluator(sm.apply, forward.logits, windows, teacher_)
+    captured = (lambda: forward.captured) if forward.capture else None
+    weight = ws.config.search.hidden_weight
+    return make_kl_evaluator(sm.apply, forward.logits, windows, teacher_, hidden_weight=weight, captured=captured)
 
 
 def search_terms(

@@ -21,10 +21,18 @@ from pydantic import BaseModel, ConfigDict
 from tyr_core import keys
 from tyr_core.config import RunConfig, load_run_config
 from tyr_core.families import default_cache_dir, resolve_model
+from tyr_core.fitness import Captured, LogitsFn
 from tyr_core.grid import Sublayer
 from tyr_core.keys import Kind
 from tyr_core.layerwise import LayerwiseModel
-from tyr_core.pipeline import Placement, check_fits, placement, prune_settings, resident_or_streamed
+from tyr_core.pipeline import (
+    Placement,
+    check_fits,
+    placement,
+    prune_settings,
+    resident_or_streamed,
+    teacher_forward,
+)
 from tyr_core.prefix import PrefixForward
 from tyr_core.store import Store, fetch_verified, hash_file, private_dir, read_json, read_manifest
 from tyr_core.sublayer_layout import PrunedSublayer
@@ -207,6 +215,12 @@ class Workspace:
             return model, lambda ids: model(ids.to(device)).logits
         return model, lambda ids: forward.logits(ids, [])
 
+    def teacher_forward(self) -> tuple[LogitsFn, Captured | None]:
+        """The dense model's ``input_ids -> logits`` for the teacher cache, and the outputs of the hidden-state
+        term's layers (``search.hidden_layers``) of each forward when that term is on (else ``None``)."""
+        layers = self.config.search.hidden_layer_ids(self.model.geometry.num_layers)
+        return teacher_forward(self.dense_model(), self.placement, layers)
+
     def search_model(self, iteration: int) -> tuple[SupernetModel, PrefixForward]:
         """The one resident model for the search; candidates swap only the sublayers whose level changed, and
         their forwards share the parent's unchanged layers (``search.prefix_sharing``)."""
@@ -218,6 +232,7 @@ class Workspace:
                 reader = self.reader(iteration)
                 budget = (2 << 30) if self.config.search.prefix_sharing else 0
                 forward = resident_or_streamed(dense, reader.sublayers, self.placement, budget)
+                forward.capture = tuple(self.config.search.hidden_layer_ids(self.model.geometry.num_layers))
                 self._search[iteration] = (SupernetModel(dense, reader, self.model.geometry), forward)
             return self._search[iteration]
 
