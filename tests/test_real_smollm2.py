@@ -39,7 +39,9 @@ def smollm2(tmp_path_factory):
 def _uniform_ppl(folder, windows, heldout, mode, out) -> tuple[float, float]:
     # the reference's saliency: with pure OBS (the default) this one 32 x 256 subset ranks none first (108.4 vs
     # 111.0), a within-noise difference that docs/algorithm.md records
-    cfg = PruneConfig(target_sparsity=0.5, accumulation=mode, first_order=1.0)
+    # without accumulation every copy sees dense inputs, so a one-level build gives the same centre copy as nine levels
+    levels = 1 if mode == "none" else 9
+    cfg = PruneConfig(target_sparsity=0.5, accumulation=mode, first_order=1.0, num_levels=levels)
     lm = LayerwiseModel(folder)
     subs = plan_iteration(lm.geometry, cfg, 1, initial_centres(lm.geometry, cfg))
     build_supernet(SupernetBuild(lm, windows, subs, prune_settings(cfg), out))

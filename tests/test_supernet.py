@@ -180,6 +180,17 @@ def test_accumulation_modes_feed_different_inputs(tiny_folder, windows, tmp_path
     assert any(by["none"][k] != by["expectation"][k] for k in layer1)
 
 
+def test_without_accumulation_each_copy_is_independent_of_the_other_levels(tiny_folder, windows, tmp_path):
+    folder = tiny_folder("llama")
+    hashes = {}
+    for levels in (9, 1):
+        subs = build_sublayers({"attn": 4, "mlp": 128}, 2, CENTRES, 0.25, levels)
+        settings = PruneSettings(accumulation="none")
+        index = build_supernet(SupernetBuild(LayerwiseModel(folder), windows, subs, settings, tmp_path / str(levels)))
+        hashes[levels] = {(e["layer"], e["kind"]): e["sha256"] for e in index["copies"] if e["level"] == 0}
+    assert hashes[1] == hashes[9]  # so a uniform model without accumulation needs only its centre copies
+
+
 def test_reader_takes_the_grid_from_the_index(tiny_folder, windows, tmp_path):
     _, subs, _ = _build(tiny_folder("mistral"), windows, tmp_path)
     assert SupernetReader(tmp_path).sublayers == subs
