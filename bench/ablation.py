@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from prose import python_docs_files
 from scratch import scratch_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -170,11 +170,13 @@ def main() -> None:
 
     teachers: dict[tuple, TeacherTopK] = {}
 
+    n_layers = AutoConfig.from_pretrained(folder).num_hidden_layers
+
     def teacher_for(windows: torch.Tensor, subset: int, cfg: RunConfig) -> TeacherTopK:
-        dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        layers = cfg.search.hidden_layer_ids(dense.config.num_hidden_layers)
+        layers = cfg.search.hidden_layer_ids(n_layers)
         key = (subset, tuple(layers))  # the hidden-state term's settings keep their dense states
         if key not in teachers:
+            dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             tdir = scratch_dir("tyr-ablation-teacher-")
             logits, captured = teacher_forward(dense, placement(cfg), layers)
             limit = cfg.teacher.max_windows

@@ -76,7 +76,7 @@ def teacher(ref: RunRef) -> dict:
                 out,
                 ws.config.teacher.windows_per_shard,
                 captured=captured,
-                hidden_layers=ws.config.search.hidden_layer_ids(ws.model.geometry.num_layers),
+                hidden_layers=ws.hidden_layers(),
             )
             for shard in sorted(out.glob("*.safetensors")):
                 commit_file(ws.store, keys.teacher_file_key(shard.name), shard, ws.config.artefact_hash())

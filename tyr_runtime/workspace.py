@@ -215,11 +215,14 @@ class Workspace:
             return model, lambda ids: model(ids.to(device)).logits
         return model, lambda ids: forward.logits(ids, [])
 
+    def hidden_layers(self) -> list[int]:
+        """The decoder layers the fitness's hidden-state term compares; empty when the term is off."""
+        return self.config.search.hidden_layer_ids(self.model.geometry.num_layers)
+
     def teacher_forward(self) -> tuple[LogitsFn, Captured | None]:
-        """The dense model's ``input_ids -> logits`` for the teacher cache, and the outputs of the hidden-state
-        term's layers (``search.hidden_layers``) of each forward when that term is on (else ``None``)."""
-        layers = self.config.search.hidden_layer_ids(self.model.geometry.num_layers)
-        return teacher_forward(self.dense_model(), self.placement, layers)
+        """The dense model's ``input_ids -> logits`` for the teacher cache, and the outputs of ``hidden_layers`` of
+        each forward when the hidden-state term is on (else ``None``)."""
+        return teacher_forward(self.dense_model(), self.placement, self.hidden_layers())
 
     def search_model(self, iteration: int) -> tuple[SupernetModel, PrefixForward]:
         """The one resident model for the search; candidates swap only the sublayers whose level changed, and
@@ -232,7 +235,7 @@ class Workspace:
                 reader = self.reader(iteration)
                 budget = (2 << 30) if self.config.search.prefix_sharing else 0
                 forward = resident_or_streamed(dense, reader.sublayers, self.placement, budget)
-                forward.capture = tuple(self.config.search.hidden_layer_ids(self.model.geometry.num_layers))
+                forward.capture = tuple(self.hidden_layers())
                 self._search[iteration] = (SupernetModel(dense, reader, self.model.geometry), forward)
             return self._search[iteration]
 
